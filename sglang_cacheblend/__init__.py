@@ -1,0 +1,16 @@
+"""sglang-cacheblend: CacheBlend (EuroSys'25) inside SGLang.
+
+RAG prompts are mostly retrieved chunks that were seen before. Prefix caching reuses only a cached
+*prefix*; CacheBlend reuses the stored KV of every chunk wherever it sits in the prompt and
+recomputes the small share of tokens whose KV deviates most.
+
+Packages, by job:
+    ``sglang_cacheblend.blend``   the algorithm in plain torch (no SGLang imports)
+    ``radix_ext``                 the non-prefix chunk index (no SGLang imports)
+    ``sglang_cacheblend.srt``     the SGLang glue: plugin, radix-cache backend, model path
+    ``sglang_cacheblend.models``  the embedded default model (SmolLM2-135M-Instruct)
+
+Importing this package is cheap: it imports neither torch nor sglang.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,90 @@
+"""The ``sglang-cacheblend`` command: prepare-model, serve, demo.
+
+``serve`` passes every argument it does not know straight to SGLang's own launcher, so
+``sglang-cacheblend serve --port 31000 --enable-cacheblend`` is ``python -m
+sglang.launch_server`` with the embedded model and the CPU defaults filled in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from sglang_cacheblend.models import ModelPreparationError
+
+
+def _cmd_prepare_model(args: argparse.Namespace) -> int:
+    from sglang_cacheblend.models import prepare_model
+
+    prepared = prepare_model(args.cache_dir, force=args.force)
+    state = "built" if prepared.built else "already prepared"
+    print(f"{prepared.path} ({state})")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace, sglang_args: list[str]) -> int:
+    from sglang_cacheblend.launch import launch_command
+    from sglang_cacheblend.models import ensure_model
+
+    model_path = None if "--model-path" in sglang_args else ensure_model(args.cache_dir)
+    cmd = launch_command(sglang_args, model_path=model_path)
+    print("+ " + " ".join(cmd), flush=True)
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
+def _cmd_demo(args: argparse.Namespace, sglang_args: list[str]) -> int:
+    from sglang_cacheblend.demo import run_demo
+    from sglang_cacheblend.models import ensure_model
+
+    model_path = ensure_model(args.cache_dir)
+    log_path = Path(tempfile.gettempdir()) / "sglang-cacheblend-demo-server.log"
+    run_demo(model_path, port=args.port, extra_args=sglang_args, log_path=log_path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sglang-cacheblend", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="model cache root (default: $SGLANG_CACHEBLEND_HOME or $XDG_CACHE_HOME/sglang-cacheblend)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare-model", help="build the embedded SmolLM2 model directory")
+    prep.add_argument("--force", action="store_true", help="rebuild even if a cache exists")
+    sub.add_parser(
+        "serve",
+        help="start an SGLang server (embedded model and CPU defaults unless overridden)",
+        description="All further arguments are SGLang server flags.",
+    )
+    demo = sub.add_parser("demo", help="start a server, ask one RAG question, print the answer")
+    demo.add_argument("--port", type=int, default=30123)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command == "prepare-model":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.command == "prepare-model":
+            return _cmd_prepare_model(args)
+        if args.command == "serve":
+            return _cmd_serve(args, rest)
+        return _cmd_demo(args, rest)
+    except ModelPreparationError as exc:
+        print(f"sglang-cacheblend: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""Start an SGLang server with this project's defaults, and manage one from Python.
+
+``serve_argv`` turns whatever SGLang flags the user gave into a full ``sglang.launch_server``
+command line: it adds the embedded model when no ``--model-path`` is given, binds to 127.0.0.1
+unless told otherwise, and on a machine without a GPU fills the CPU-safe flags measured in
+``DESIGN.md`` (torch_native attention, no CUDA graphs, a bounded KV pool). A flag the user gave
+always wins.
+
+``ServerProcess`` is the context manager the demo, the tests and the benchmarks share: it starts
+the server in its own process group, waits until it answers, and kills the whole group on exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 30000
+
+# Measured on the 2-core CPU machines (DESIGN.md): without --mem-fraction-static the CPU memory
+# estimate can go negative, and without --max-total-tokens the pool is sized from free RAM.
+CPU_DEFAULTS: tuple[tuple[str, str | None], ...] = (
+    ("--device", "cpu"),
+    ("--attention-backend", "torch_native"),
+    ("--sampling-backend", "pytorch"),
+    ("--dtype", "bfloat16"),
+    ("--disable-cuda-graph", None),
+    ("--max-total-tokens", "40000"),
+    ("--mem-fraction-static", "0.3"),
+    ("--chunked-prefill-size", "-1"),
+)
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _given(argv: list[str], flag: str) -> bool:
+    return any(arg == flag or arg.startswith(flag + "=") for arg in argv)
+
+
+def serve_argv(user_args: list[str], *, model_path: Path | None = None) -> list[str]:
+    """Complete ``user_args`` into ``sglang.launch_server`` arguments (see module docstring)."""
+    argv = list(user_args)
+    if not _given(argv, "--model-path") and not _given(argv, "--model"):
+        if model_path is None:
+            from sglang_cacheblend.models import ensure_model
+
+            model_path = ensure_model()
+        argv += ["--model-path", str(model_path)]
+    if not _given(argv, "--host"):
+        argv += ["--host", DEFAULT_HOST]
+    if not has_cuda():
+        for flag, value in CPU_DEFAULTS:
+            if not _given(argv, flag):
+                argv += [flag] if value is None else [flag, value]
+    return argv
+
+
+def launch_command(user_args: list[str], *, model_path: Path | None = None) -> list[str]:
+    return [sys.executable, "-m", "sglang.launch_server", *serve_argv(user_args, model_path=model_path)]
+
+
+@dataclass
+class ServerProcess:
+    """An SGLang server in a child process group, bound to loopback.
+
+    Use as a context manager; ``base_url`` is valid inside it. ``log_path`` collects the
+    server's stdout and stderr so a failed start can be explained.
+    """
+
+    args: list[str] = field(default_factory=list)
+    port: int = DEFAULT_PORT
+    model_path: Path | None = None
+    log_path: Path | None = None
+    startup_timeout_s: float = 600.0
+    env: dict[str, str] | None = None
+    _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _log_file: object = field(default=None, init=False, repr=False)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{DEFAULT_HOST}:{self.port}"
+
+    def start(self) -> "ServerProcess":
+        if _given(self.args, "--host") or _given(self.args, "--port"):
+            raise ValueError("ServerProcess owns --host and --port; pass port= instead")
+        cmd = launch_command(
+            [*self.args, "--host", DEFAULT_HOST, "--port", str(self.port)],
+            model_path=self.model_path,
+        )
+        log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
+        self._log_file = log
+        env = {**os.environ, **(self.env or {})}
+        self._proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"SGLang server exited with code {self._proc.returncode} during startup"
+                    + (f"; see {self.log_path}" if self.log_path else "")
+                )
+            try:
+                if requests.get(self.base_url + "/health", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"SGLang server not ready after {self.startup_timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            pgid = os.getpgid(self._proc.pid)
+            os.killpg(pgid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(pgid, signal.SIGKILL)
+                self._proc.wait(timeout=30)
+            # Scheduler/detokenizer children share the group; make sure none survive.
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._proc = None
+        if self._log_file not in (None, subprocess.DEVNULL):
+            self._log_file.close()
+        self._log_file = None
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -1,0 +1,153 @@
+"""Every hook this project places on SGLang, in one place, each with its target and reason.
+
+Hooks go through SGLang's ``HookRegistry`` (the plugin system, PR #21388); nothing here assigns
+to attributes of SGLang's modules. ``HOOKS`` is the complete list; ``register_hooks`` installs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import types
+from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+from sglang_cacheblend.srt import options
+
+logger = logging.getLogger(__name__)
+
+
+class Hook(NamedTuple):
+    target: str
+    kind: str  # a HookType member name
+    fn: Callable[..., Any]
+    reason: str
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary embedding on a device that is neither CUDA nor SGLang's CPU engine.
+# --------------------------------------------------------------------------------------------
+
+_VLLM_OPS = "vllm._custom_ops"
+
+
+def _missing_vllm_rotary(*args: Any, **kwargs: Any) -> None:
+    raise RuntimeError("vllm rotary kernel is not installed; RotaryEmbedding must stay native")
+
+
+@contextlib.contextmanager
+def _vllm_rotary_stand_in() -> Iterator[bool]:
+    """Make ``from vllm._custom_ops import rotary_embedding`` succeed for one call.
+
+    Yields whether a stand-in was installed. The stand-in is removed again afterwards, and an
+    installed vLLM is never shadowed.
+    """
+    try:
+        import vllm._custom_ops  # noqa: F401
+
+        yield False
+        return
+    except ImportError:
+        pass
+    added = {}
+    for name in ("vllm", _VLLM_OPS):
+        if name not in sys.modules:
+            module = types.ModuleType(name)
+            module.__path__ = []  # a package, so the submodule import resolves
+            added[name] = module
+    added[_VLLM_OPS].rotary_embedding = _missing_vllm_rotary
+    sys.modules.update(added)
+    try:
+        yield True
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
+
+
+def _native_rotary_init(original_init: Callable[..., None], self: Any, *args: Any, **kw: Any):
+    with _vllm_rotary_stand_in() as stood_in:
+        original_init(self, *args, **kw)
+    if stood_in:
+        # Off CUDA, SGLang dispatches RotaryEmbedding.forward to forward_native; keep the
+        # module consistent with that instead of pointing at a kernel that does not exist.
+        self.use_fallback_kernel = False
+        self.fallback_rotary_embedding = None
+
+
+# --------------------------------------------------------------------------------------------
+# Server flags.
+# --------------------------------------------------------------------------------------------
+
+
+def _add_cacheblend_cli_args(result: Any, parser: argparse.ArgumentParser) -> None:
+    options.add_cli_args(parser)
+    return result
+
+
+def _take_cacheblend_args(original: Callable[..., Any], cls: Any, args: argparse.Namespace):
+    opts = options.pop_from_namespace(args)
+    if opts.enabled:
+        os.environ[options.ENV_VAR] = opts.to_env()
+        logger.info("CacheBlend enabled: %s", opts)
+    else:
+        os.environ.pop(options.ENV_VAR, None)
+    return original(cls, args)
+
+
+# --------------------------------------------------------------------------------------------
+# Observability: the scheduler process reports what it runs with.
+# --------------------------------------------------------------------------------------------
+
+
+def _report_cacheblend_state(result: Any, controller: Any, *args: Any, **kwargs: Any) -> Any:
+    state = result.internal_state
+    opts = options.ServerOptions.from_env()
+    report: dict[str, Any] = {"plugin_loaded": True, "pid": os.getpid(), **asdict(opts)}
+    chunk_stats = getattr(getattr(controller.scheduler, "tree_cache", None), "chunk_stats", None)
+    if callable(chunk_stats):
+        stats = chunk_stats()
+        report["chunk_index"] = stats._asdict() if hasattr(stats, "_asdict") else asdict(stats)
+    state["cacheblend"] = report
+    return result
+
+
+HOOKS: tuple[Hook, ...] = (
+    Hook(
+        "sglang.srt.layers.rotary_embedding.base.RotaryEmbedding.__init__",
+        "AROUND",
+        _native_rotary_init,
+        "on a device that is neither CUDA nor the CPU engine, __init__ imports a vLLM op that "
+        "is not installed although forward then runs forward_native",
+    ),
+    Hook(
+        "sglang.srt.server_args.ServerArgs.add_cli_args",
+        "AFTER",
+        _add_cacheblend_cli_args,
+        "SGLang has no plugin API for CLI flags; this adds --enable-cacheblend and friends to "
+        "SGLang's own parser (launch_server and `sglang serve` both use it)",
+    ),
+    Hook(
+        "sglang.srt.server_args.ServerArgs.from_cli_args",
+        "AROUND",
+        _take_cacheblend_args,
+        "ServerArgs drops unknown attributes; the values travel to schedulers in the env",
+    ),
+    Hook(
+        "sglang.srt.managers.scheduler_components.internal_state."
+        "SchedulerInternalStateController.get_internal_state",
+        "AFTER",
+        _report_cacheblend_state,
+        "shows, in /server_info internal_states, the options the scheduler process runs with",
+    ),
+)
+
+
+def register_hooks() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    for hook in HOOKS:
+        HookRegistry.register(hook.target, hook.fn, HookType[hook.kind])
