@@ -91,6 +91,13 @@ def _add_cacheblend_cli_args(result: Any, parser: argparse.ArgumentParser) -> No
 def _take_cacheblend_args(original: Callable[..., Any], cls: Any, args: argparse.Namespace):
     opts = options.pop_from_namespace(args)
     if opts.enabled:
+        backend = getattr(args, "radix_cache_backend", None)
+        if backend not in (None, options.RADIX_BACKEND_NAME):
+            raise ValueError(
+                f"--enable-cacheblend needs --radix-cache-backend {options.RADIX_BACKEND_NAME}, "
+                f"got {backend!r}"
+            )
+        args.radix_cache_backend = options.RADIX_BACKEND_NAME
         os.environ[options.ENV_VAR] = opts.to_env()
         logger.info("CacheBlend enabled: %s", opts)
     else:
@@ -106,8 +113,22 @@ def _take_cacheblend_args(original: Callable[..., Any], cls: Any, args: argparse
 def _report_cacheblend_state(result: Any, controller: Any, *args: Any, **kwargs: Any) -> Any:
     state = result.internal_state
     opts = options.ServerOptions.from_env()
-    report: dict[str, Any] = {"plugin_loaded": True, "pid": os.getpid(), **asdict(opts)}
-    chunk_stats = getattr(getattr(controller.scheduler, "tree_cache", None), "chunk_stats", None)
+    scheduler = controller.scheduler
+    tree_cache = scheduler.tree_cache
+    report: dict[str, Any] = {
+        "plugin_loaded": True,
+        "pid": os.getpid(),
+        **asdict(opts),
+        "tree_cache": type(tree_cache).__name__,
+        # The scheduler's own leak check holds when available + evictable + protected == total.
+        "token_pool": {
+            "total": scheduler.max_total_num_tokens,
+            "available": scheduler.token_to_kv_pool_allocator.available_size(),
+            "evictable": tree_cache.evictable_size(),
+            "protected": tree_cache.protected_size(),
+        },
+    }
+    chunk_stats = getattr(tree_cache, "chunk_stats", None)
     if callable(chunk_stats):
         stats = chunk_stats()
         report["chunk_index"] = stats._asdict() if hasattr(stats, "_asdict") else asdict(stats)

@@ -12,7 +12,15 @@ logger = logging.getLogger(__name__)
 
 
 def register() -> None:
+    from sglang.srt.mem_cache.registry import register_radix_cache_backend
+
     from sglang_cacheblend.srt.hooks import register_hooks
+    from sglang_cacheblend.srt.options import RADIX_BACKEND_NAME
+    from sglang_cacheblend.srt.radix_backend import create_cacheblend_cache
 
     register_hooks()
+    try:
+        register_radix_cache_backend(RADIX_BACKEND_NAME, create_cacheblend_cache)
+    except ValueError:
+        pass  # already registered in this process: load_plugins may run more than once
     logger.info("sglang-cacheblend plugin registered")

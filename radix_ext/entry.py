@@ -1,0 +1,54 @@
+"""What the index keeps per chunk and per request, and validation of chunk values."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(eq=False)
+class ChunkEntry:
+    """One cached chunk; mutable, internal to the index (never handed out)."""
+
+    entry_id: int
+    namespace: Hashable
+    digest: Hashable
+    token_bytes: bytes
+    kv_loc: torch.Tensor
+    positions: torch.Tensor
+    length: int
+    last_access_time: float
+    lock_count: int = 0
+
+
+@dataclass(eq=False)
+class RequestLocks:
+    """The entries one request holds, and the spans already counted in its stats."""
+
+    entry_ids: dict[int, None] = field(default_factory=dict)  # in lock order
+    counted_spans: set[tuple[int, int]] = field(default_factory=set)
+
+
+def check_kv_loc(kv_loc: torch.Tensor, chunk_len: int) -> None:
+    if not isinstance(kv_loc, torch.Tensor) or kv_loc.dtype != torch.int64:
+        raise ValueError(f"kv_loc must be an int64 tensor, got {getattr(kv_loc, 'dtype', kv_loc)}")
+    if kv_loc.shape != (chunk_len,):
+        raise ValueError(
+            f"kv_loc must have shape ({chunk_len},) like the chunk, got {tuple(kv_loc.shape)}"
+        )
+
+
+def as_positions(positions: int | torch.Tensor, chunk_len: int) -> torch.Tensor:
+    if isinstance(positions, torch.Tensor):
+        if positions.dtype != torch.int64 or positions.shape != (chunk_len,):
+            raise ValueError(
+                f"positions must be an int64 tensor of shape ({chunk_len},), got "
+                f"{positions.dtype} of shape {tuple(positions.shape)}"
+            )
+        return positions.to("cpu")
+    start = int(positions)
+    if start < 0:
+        raise ValueError(f"start position must be >= 0, got {start}")
+    return torch.arange(start, start + chunk_len, dtype=torch.int64)
