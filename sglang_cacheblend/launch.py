@@ -91,6 +91,10 @@ class ServerProcess:
     _log_file: object = field(default=None, init=False, repr=False)
 
     @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
     def base_url(self) -> str:
         return f"http://{DEFAULT_HOST}:{self.port}"
 

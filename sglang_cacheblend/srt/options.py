@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
+
+from sglang_cacheblend.config import BlendConfig
 
 ENV_VAR = "SGLANG_CACHEBLEND_OPTIONS"
 RADIX_BACKEND_NAME = "cacheblend"
@@ -21,36 +23,13 @@ RADIX_BACKEND_NAME = "cacheblend"
 
 @dataclass(frozen=True)
 class ServerOptions:
-    """CacheBlend settings chosen at server launch; per-request overrides come later.
-
-    ``recompute_ratio`` is the share of reused chunk tokens whose KV is recomputed; 1.0 gives
-    SGLang's full prefill, 0.0 full reuse. ``check_layer`` is the layer whose K/V deviation
-    picks the tokens. ``min_reused_tokens`` is the number of reusable tokens below which a
-    request is simply prefilled in full, because blending would not pay.
-    """
+    """CacheBlend settings chosen at server launch: on/off plus a validated ``BlendConfig``."""
 
     enabled: bool = False
-    recompute_ratio: float = 0.15
-    check_layer: int = 1
-    selector: str = "v_deviation"
-    min_reused_tokens: int = 256
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.recompute_ratio <= 1.0:
-            raise ValueError(
-                f"--cacheblend-recompute-ratio must be in [0, 1], got {self.recompute_ratio}"
-            )
-        if self.check_layer < 0:
-            raise ValueError(f"--cacheblend-check-layer must be >= 0, got {self.check_layer}")
-        if self.min_reused_tokens < 0:
-            raise ValueError(
-                f"--cacheblend-min-reused-tokens must be >= 0, got {self.min_reused_tokens}"
-            )
-        if not self.selector:
-            raise ValueError("--cacheblend-selector must name a selector")
+    blend: BlendConfig = field(default_factory=BlendConfig)
 
     def to_env(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps({"enabled": self.enabled, "blend": asdict(self.blend)}, sort_keys=True)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "ServerOptions":
@@ -59,16 +38,14 @@ class ServerOptions:
             return cls()
         try:
             values = json.loads(raw)
-        except ValueError as exc:
-            raise ValueError(f"{ENV_VAR} is not valid JSON: {exc}") from exc
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"{ENV_VAR} has unknown keys {sorted(unknown)}")
-        return cls(**values)
+            blend = dict(values["blend"])
+            blend["gradual"] = tuple(tuple(step) for step in blend.get("gradual", ()))
+            return cls(enabled=bool(values["enabled"]), blend=BlendConfig(**blend))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{ENV_VAR} is malformed: {exc}") from exc
 
 
-_DEFAULTS = ServerOptions()
+_DEFAULTS = BlendConfig()
 
 # (flag, namespace attribute, argparse kwargs); the attribute names are ours alone, prefixed so
 # they can never collide with a ServerArgs field.
@@ -84,6 +61,12 @@ _FLAGS: tuple[tuple[str, str, dict], ...] = (
     ("--cacheblend-selector", "cacheblend_selector",
      dict(type=str, default=_DEFAULTS.selector,
           help="Rule that picks the tokens to recompute (e.g. v_deviation, k_deviation).")),
+    ("--cacheblend-gradual-start-ratio", "cacheblend_gradual_start_ratio",
+     dict(type=float, default=None,
+          help="Gradual filtering: ratio selected at the check layer, narrowed linearly to the "
+               "recompute ratio by --cacheblend-gradual-end-layer (off when unset).")),
+    ("--cacheblend-gradual-end-layer", "cacheblend_gradual_end_layer",
+     dict(type=int, default=8, help="Gradual filtering: layer where the target ratio is reached.")),
     ("--cacheblend-min-reused-tokens", "cacheblend_min_reused_tokens",
      dict(type=int, default=_DEFAULTS.min_reused_tokens,
           help="Below this many reusable tokens a request is prefilled in full.")),
@@ -97,12 +80,28 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def pop_from_namespace(args: argparse.Namespace) -> ServerOptions:
-    """Remove our attributes from a parsed namespace and return them as options."""
+    """Remove our attributes from a parsed namespace and return them as validated options.
+
+    An invalid value raises ``ValueError`` naming the flag, so the launcher stops with a message.
+    """
     values = {dest: vars(args).pop(dest) for _, dest, _ in _FLAGS if hasattr(args, dest)}
-    return ServerOptions(
-        enabled=values.get("cacheblend_enabled", _DEFAULTS.enabled),
-        recompute_ratio=values.get("cacheblend_recompute_ratio", _DEFAULTS.recompute_ratio),
-        check_layer=values.get("cacheblend_check_layer", _DEFAULTS.check_layer),
+    ratio = values.get("cacheblend_recompute_ratio", _DEFAULTS.recompute_ratio)
+    check_layer = values.get("cacheblend_check_layer", _DEFAULTS.check_layer)
+    start_ratio = values.get("cacheblend_gradual_start_ratio")
+    common = dict(
         selector=values.get("cacheblend_selector", _DEFAULTS.selector),
         min_reused_tokens=values.get("cacheblend_min_reused_tokens", _DEFAULTS.min_reused_tokens),
     )
+    try:
+        if start_ratio is None:
+            blend = BlendConfig(recompute_ratio=ratio, check_layer=check_layer, **common)
+        else:
+            blend = BlendConfig.linear(
+                start_ratio, ratio, check_layer,
+                values.get("cacheblend_gradual_end_layer", 8), **common,
+            )
+    except ValueError as exc:
+        flag = next((f for f, dest, _ in _FLAGS if dest.removeprefix("cacheblend_") in str(exc)),
+                    "--cacheblend-*")
+        raise ValueError(f"{flag}: {exc}") from exc
+    return ServerOptions(enabled=values.get("cacheblend_enabled", False), blend=blend)

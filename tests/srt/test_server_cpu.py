@@ -76,7 +76,7 @@ def test_plugin_is_active_in_scheduler_process(server):
     # The scheduler runs in its own process, and sees the flags given at launch.
     assert report["pid"] != server.pid
     assert report["enabled"] is True
-    assert report["recompute_ratio"] == float(SERVER_BLEND_ARGS[2])
+    assert report["blend"]["recompute_ratio"] == float(SERVER_BLEND_ARGS[2])
     assert "--enable-cacheblend" in info["launch_command"]
 
 
@@ -87,4 +87,5 @@ def test_invalid_cacheblend_flag_is_rejected_with_a_message(model_path):
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0
-    assert "--cacheblend-recompute-ratio must be in [0, 1]" in result.stderr + result.stdout
+    assert "--cacheblend-recompute-ratio: BlendConfig.recompute_ratio must be in [0, 1]" in (
+        result.stderr + result.stdout)

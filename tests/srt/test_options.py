@@ -1,0 +1,49 @@
+"""The launch flags parse into a validated BlendConfig and survive the trip through the env."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from sglang_cacheblend.config import BlendConfig
+from sglang_cacheblend.srt import options
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    options.add_cli_args(parser)
+    return parser.parse_args(argv)
+
+
+def test_defaults_are_off_and_blendconfig_defaults():
+    opts = options.pop_from_namespace(_parse([]))
+    assert opts == options.ServerOptions(enabled=False, blend=BlendConfig())
+
+
+def test_flags_round_trip_through_env_and_leave_no_attributes():
+    args = _parse(["--enable-cacheblend", "--cacheblend-recompute-ratio", "0.2",
+                   "--cacheblend-selector", "k_deviation", "--cacheblend-gradual-start-ratio",
+                   "0.4", "--cacheblend-gradual-end-layer", "5"])
+    opts = options.pop_from_namespace(args)
+    assert vars(args) == {}  # nothing left for ServerArgs to trip over
+    assert opts.enabled and opts.blend.selector == "k_deviation"
+    assert opts.blend.gradual[0] == (1, 0.4) and opts.blend.gradual[-1] == (5, 0.2)
+    env = {options.ENV_VAR: opts.to_env()}
+    assert options.ServerOptions.from_env(env) == opts
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [(["--cacheblend-recompute-ratio", "-0.1"], "--cacheblend-recompute-ratio"),
+     (["--cacheblend-check-layer", "-1"], "--cacheblend-check-layer"),
+     (["--cacheblend-selector", "nope"], "--cacheblend-selector")],
+)
+def test_bad_values_name_the_flag(argv, flag):
+    with pytest.raises(ValueError, match=flag):
+        options.pop_from_namespace(_parse(argv))
+
+
+def test_malformed_env_is_an_error():
+    with pytest.raises(ValueError, match=options.ENV_VAR):
+        options.ServerOptions.from_env({options.ENV_VAR: "{not json"})
