@@ -131,9 +131,14 @@ class RotaryConfig:
         params = _get(config, "rope_parameters")
         scaling = _get(config, "rope_scaling")
         theta = _get(config, "rope_theta")
-        if scaling is None and isinstance(params, Mapping):
-            scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-            theta = params.get("rope_theta", theta)
+        if isinstance(params, Mapping):
+            # transformers v5 keeps theta in rope_parameters and may alias rope_scaling to it.
+            if theta is None:
+                theta = params.get("rope_theta")
+            if scaling is None:
+                scaling = params
+        if isinstance(scaling, Mapping):
+            scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
         if scaling is not None and _scaling_type(scaling) == "default":
             scaling = None
         factor = _get(config, "partial_rotary_factor", 1.0) or 1.0

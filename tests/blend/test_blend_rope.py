@@ -248,3 +248,14 @@ def test_flashinfer_path_matches_torch_path(neox, dtype):
         got.float(), realign_keys(cached, old, new, rotary).float(), **TOL[dtype]
     )
     torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+
+
+def test_theta_is_read_from_transformers_v5_rope_parameters():
+    """transformers v5 configs carry rope_theta only inside rope_parameters (SmolLM2: 1e5)."""
+    import transformers
+
+    from sglang_cacheblend.blend.rotary import RotaryConfig
+
+    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=1e5)
+    assert RotaryConfig.from_hf_config(config).base == 1e5
+    assert RotaryConfig.from_hf_config(config).scaling is None

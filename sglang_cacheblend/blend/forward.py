@@ -1,0 +1,188 @@
+"""The blended prefill of one request, top to bottom, over any Llama-family decoder.
+
+This is CacheBlend's forward pass written once against a small interface (:class:`DecoderOps`),
+so the same loop runs over transformers' Llama modules (:mod:`.hf_llama`, the exactness and
+quality reference) and, through an adapter, over SGLang's layers. Per layer::
+
+    rows = plan.rows(layer)                      all rows through the check layer, then HKVD rows
+    x = norm_in(hidden[rows]); q, k, v = qkv(x, positions[rows])      k after RoPE
+    if selection layer: plan.update(layer, fresh k/v vs cached k/v of rows)
+    k_store[layer][rows], v_store[layer][rows] = k, v              other rows keep cached KV
+    hidden[rows] += o_proj(attention(q, k_store[layer], v_store[layer]))   exact causal mask
+    hidden[rows] += mlp(norm_post(hidden[rows]))
+
+Rows that were not recomputed keep their cached (RoPE-realigned) KV and never change again;
+their hidden states are stale after the check layer, which is CacheBlend's approximation. The
+last row (the end of the question) never has cached KV, so it is computed at every layer and its
+logits are exact given the blended KV. With ``recompute_ratio == 1`` every row is computed at
+every layer and the result equals a full prefill; with cached KV equal to the true prompt KV any
+ratio gives a full prefill too.
+
+Shapes: ``N`` rows (the request's tokens, position order), ``L`` layers, ``H`` hidden size,
+``Hq``/``Hkv`` query/KV heads, ``D`` head dim. Cached K/V are ``(L, N, Hkv, D)`` already realigned
+to the rows' positions (:func:`.rope.realign_keys`); rows with ``reuse_mask`` False hold
+anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from sglang_cacheblend.blend.attention import ScatteredAttention
+from sglang_cacheblend.blend.base import SelectionInputs
+from sglang_cacheblend.blend.plan import BlendPlan
+from sglang_cacheblend.config import BlendConfig
+
+__all__ = ["BlendResult", "DecoderOps", "blended_prefill", "extend", "full_prefill"]
+
+
+class DecoderOps(Protocol):
+    """The parts of a decoder-only model the blended forward needs (no fused residuals)."""
+
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` int64 -> ``(N, H)``."""
+
+    def qkv(
+        self, layer: int, hidden: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input norm, projections and RoPE: ``(n, H)`` -> q ``(n, Hq, D)``, k/v ``(n, Hkv, D)``."""
+
+    def attn_out(self, layer: int, attn: torch.Tensor) -> torch.Tensor:
+        """Output projection: ``(n, Hq, D)`` -> ``(n, H)``."""
+
+    def mlp(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Post-attention norm and MLP: ``(n, H)`` -> ``(n, H)`` (the residual is added outside)."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: ``(n, H)`` -> ``(n, V)``, float32."""
+
+
+@dataclass(frozen=True)
+class BlendResult:
+    """Output of one blended prefill.
+
+    ``logits`` are the last row's ``(V,)`` float32 logits; ``k``/``v`` are the request's KV after
+    blending, ``(L, N, Hkv, D)`` (what decode would attend to); ``recomputed_rows`` is the cost,
+    rows computed summed over layers; ``full_rows`` is ``N * L``.
+    """
+
+    logits: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    recomputed_rows: int
+    full_rows: int
+
+
+def blended_prefill(
+    model: DecoderOps,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    reuse_mask: torch.Tensor,
+    cached_k: torch.Tensor,
+    cached_v: torch.Tensor,
+    config: BlendConfig,
+) -> BlendResult:
+    """Prefill one request, reusing ``cached_k``/``cached_v`` where ``reuse_mask`` is True.
+
+    Parameters
+    ----------
+    input_ids, positions : torch.Tensor
+        ``(N,)`` int64; ``positions`` strictly increasing absolute positions (usually ``arange``).
+    reuse_mask : torch.Tensor
+        ``(N,)`` bool; the last row must be False (the question is always computed).
+    cached_k, cached_v : torch.Tensor
+        ``(L, N, Hkv, D)``, the model's dtype; K realigned to ``positions``. Not modified.
+    config : BlendConfig
+        Ratio schedule and selector.
+    """
+    n = input_ids.numel()
+    shape = (model.num_layers, n, model.num_kv_heads, model.head_dim)
+    if input_ids.dim() != 1 or positions.shape != (n,) or reuse_mask.shape != (n,):
+        raise ValueError(
+            f"input_ids, positions and reuse_mask must all be (N,), got {tuple(input_ids.shape)},"
+            f" {tuple(positions.shape)}, {tuple(reuse_mask.shape)}"
+        )
+    if cached_k.shape != shape or cached_v.shape != shape:
+        raise ValueError(f"cached_k/v must be {shape}, got {tuple(cached_k.shape)}")
+    if bool(reuse_mask[-1]):
+        raise ValueError("the last row must not be reused: its logits feed sampling")
+
+    plan = BlendPlan(config, reuse_mask, model.num_layers)
+    k_store, v_store = cached_k.clone(), cached_v.clone()
+    hidden = model.embed(input_ids)
+    cu_k = torch.tensor([0, n], dtype=torch.int64)
+    attention: ScatteredAttention | None = None
+    planned_rows: torch.Tensor | None = None
+    for layer in range(model.num_layers):
+        rows = plan.rows(layer)
+        if rows is not planned_rows:  # plan the attention once per row set, not per layer
+            planned_rows = rows
+            attention = ScatteredAttention(
+                positions[rows], torch.tensor([0, rows.numel()], dtype=torch.int64), cu_k,
+                num_q_heads=model.num_q_heads, num_kv_heads=model.num_kv_heads,
+                head_dim=model.head_dim, dtype=k_store.dtype, device=k_store.device,
+            )
+        x = hidden[rows]
+        q, k, v = model.qkv(layer, x, positions[rows])
+        if plan.is_selection_layer(layer):
+            plan.update(layer, SelectionInputs(
+                fresh_k=k, fresh_v=v, cached_k=k_store[layer, rows], cached_v=v_store[layer, rows],
+                reuse_mask=reuse_mask[rows], positions=positions[rows],
+            ))
+        k_store[layer, rows] = k
+        v_store[layer, rows] = v
+        x = x + model.attn_out(layer, attention.run(q, k_store[layer], v_store[layer]))
+        hidden[rows] = x + model.mlp(layer, x)
+    return BlendResult(
+        logits=model.logits(hidden[-1:])[0],
+        k=k_store,
+        v=v_store,
+        recomputed_rows=plan.recomputed_rows,
+        full_rows=plan.full_rows,
+    )
+
+
+def full_prefill(model: DecoderOps, input_ids: torch.Tensor, positions: torch.Tensor,
+                 dtype: torch.dtype) -> BlendResult:
+    """A plain prefill through the same loop (nothing reused): the reference and chunk KV."""
+    n = input_ids.numel()
+    empty = torch.zeros(model.num_layers, n, model.num_kv_heads, model.head_dim, dtype=dtype)
+    return blended_prefill(
+        model, input_ids, positions, torch.zeros(n, dtype=torch.bool), empty, empty,
+        BlendConfig(recompute_ratio=1.0),
+    )
+
+
+def extend(model: DecoderOps, k_prefix: torch.Tensor, v_prefix: torch.Tensor,
+           input_ids: torch.Tensor) -> torch.Tensor:
+    """Run new tokens after a fixed KV prefix (decode, or teacher forcing) and return logits.
+
+    ``k_prefix``/``v_prefix`` are ``(L, P, Hkv, D)`` for positions ``0..P-1`` (e.g. a
+    ``BlendResult``'s KV); the ``M`` new tokens take positions ``P..P+M-1``, attend to the prefix
+    and to each other causally, and leave the prefix untouched. Returns ``(M, V)`` float32 logits.
+    Scoring a continuation this way keeps it out of the blend's view: the selection was made on
+    the prompt alone, exactly as at generation time.
+    """
+    prefix_len, m = k_prefix.shape[1], input_ids.numel()
+    positions = torch.arange(prefix_len, prefix_len + m)
+    attention = ScatteredAttention(
+        positions, torch.tensor([0, m]), torch.tensor([0, prefix_len + m]),
+        num_q_heads=model.num_q_heads, num_kv_heads=model.num_kv_heads,
+        head_dim=model.head_dim, dtype=k_prefix.dtype, device=k_prefix.device,
+    )
+    hidden = model.embed(input_ids)
+    for layer in range(model.num_layers):
+        q, k, v = model.qkv(layer, hidden, positions)
+        keys = torch.cat([k_prefix[layer], k])
+        values = torch.cat([v_prefix[layer], v])
+        x = hidden + model.attn_out(layer, attention.run(q, keys, values))
+        hidden = x + model.mlp(layer, x)
+    return model.logits(hidden)
