@@ -36,7 +36,10 @@ from sglang_cacheblend.blend.base import SelectionInputs
 from sglang_cacheblend.blend.plan import BlendPlan
 from sglang_cacheblend.config import BlendConfig
 
-__all__ = ["BlendResult", "DecoderOps", "blended_prefill", "extend", "full_prefill"]
+__all__ = [
+    "BlendResult", "DecoderOps", "KVStore", "TensorKVStore", "blend_layers", "blended_prefill",
+    "extend", "full_prefill",
+]
 
 
 class DecoderOps(Protocol):
@@ -65,6 +68,47 @@ class DecoderOps(Protocol):
         """Final norm and LM head: ``(n, H)`` -> ``(n, V)``, float32."""
 
 
+class KVStore(Protocol):
+    """Where one request's per-layer K/V live: keys for positions ``0..kv_len-1`` in order.
+
+    Rows index the request's *new* tokens (the ones being prefilled); a cached prefix, if any,
+    occupies the first ``kv_len - N`` positions and is only read.
+    """
+
+    kv_len: int
+
+    def cached(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached (realigned) K/V of ``rows`` before they are overwritten at ``layer``."""
+
+    def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store fresh K/V of ``rows`` at ``layer``."""
+
+    def keys_values(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All ``(kv_len, Hkv, D)`` K/V of the request at ``layer``, position order."""
+
+
+@dataclass
+class TensorKVStore:
+    """``KVStore`` over ``(L, N, Hkv, D)`` tensors (the whole request is new rows)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def kv_len(self) -> int:
+        return self.k.shape[1]
+
+    def cached(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer, rows], self.v[layer, rows]
+
+    def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer, rows] = k
+        self.v[layer, rows] = v
+
+    def keys_values(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer], self.v[layer]
+
+
 @dataclass(frozen=True)
 class BlendResult:
     """Output of one blended prefill.
@@ -81,44 +125,31 @@ class BlendResult:
     full_rows: int
 
 
-def blended_prefill(
+def blend_layers(
     model: DecoderOps,
-    input_ids: torch.Tensor,
+    hidden: torch.Tensor,
     positions: torch.Tensor,
     reuse_mask: torch.Tensor,
-    cached_k: torch.Tensor,
-    cached_v: torch.Tensor,
+    kv: KVStore,
     config: BlendConfig,
-) -> BlendResult:
-    """Prefill one request, reusing ``cached_k``/``cached_v`` where ``reuse_mask`` is True.
+) -> BlendPlan:
+    """Run every decoder layer of one request, recomputing only the plan's rows after the check.
 
-    Parameters
-    ----------
-    input_ids, positions : torch.Tensor
-        ``(N,)`` int64; ``positions`` strictly increasing absolute positions (usually ``arange``).
-    reuse_mask : torch.Tensor
-        ``(N,)`` bool; the last row must be False (the question is always computed).
-    cached_k, cached_v : torch.Tensor
-        ``(L, N, Hkv, D)``, the model's dtype; K realigned to ``positions``. Not modified.
-    config : BlendConfig
-        Ratio schedule and selector.
+    ``hidden`` ``(N, H)`` holds the embeddings of the request's new rows and is updated in place
+    (rows never recomputed keep their last value); ``positions`` ``(N,)`` are their absolute
+    positions, the last ``N`` of ``0..kv.kv_len-1``; ``kv`` holds cached K/V for reused rows and
+    receives the fresh K/V of recomputed rows. Returns the finished plan (its cost counters).
     """
-    n = input_ids.numel()
-    shape = (model.num_layers, n, model.num_kv_heads, model.head_dim)
-    if input_ids.dim() != 1 or positions.shape != (n,) or reuse_mask.shape != (n,):
+    n = hidden.shape[0]
+    if positions.shape != (n,) or reuse_mask.shape != (n,):
         raise ValueError(
-            f"input_ids, positions and reuse_mask must all be (N,), got {tuple(input_ids.shape)},"
-            f" {tuple(positions.shape)}, {tuple(reuse_mask.shape)}"
+            f"positions and reuse_mask must be ({n},), got {tuple(positions.shape)}, "
+            f"{tuple(reuse_mask.shape)}"
         )
-    if cached_k.shape != shape or cached_v.shape != shape:
-        raise ValueError(f"cached_k/v must be {shape}, got {tuple(cached_k.shape)}")
     if bool(reuse_mask[-1]):
         raise ValueError("the last row must not be reused: its logits feed sampling")
-
     plan = BlendPlan(config, reuse_mask, model.num_layers)
-    k_store, v_store = cached_k.clone(), cached_v.clone()
-    hidden = model.embed(input_ids)
-    cu_k = torch.tensor([0, n], dtype=torch.int64)
+    cu_k = torch.tensor([0, kv.kv_len], dtype=torch.int64)
     attention: ScatteredAttention | None = None
     planned_rows: torch.Tensor | None = None
     for layer in range(model.num_layers):
@@ -128,23 +159,57 @@ def blended_prefill(
             attention = ScatteredAttention(
                 positions[rows], torch.tensor([0, rows.numel()], dtype=torch.int64), cu_k,
                 num_q_heads=model.num_q_heads, num_kv_heads=model.num_kv_heads,
-                head_dim=model.head_dim, dtype=k_store.dtype, device=k_store.device,
+                head_dim=model.head_dim, dtype=hidden.dtype, device=hidden.device,
             )
         x = hidden[rows]
         q, k, v = model.qkv(layer, x, positions[rows])
         if plan.is_selection_layer(layer):
+            cached_k, cached_v = kv.cached(layer, rows)
             plan.update(layer, SelectionInputs(
-                fresh_k=k, fresh_v=v, cached_k=k_store[layer, rows], cached_v=v_store[layer, rows],
+                fresh_k=k, fresh_v=v, cached_k=cached_k, cached_v=cached_v,
                 reuse_mask=reuse_mask[rows], positions=positions[rows],
             ))
-        k_store[layer, rows] = k
-        v_store[layer, rows] = v
-        x = x + model.attn_out(layer, attention.run(q, k_store[layer], v_store[layer]))
+        kv.write(layer, rows, k, v)
+        x = x + model.attn_out(layer, attention.run(q, *kv.keys_values(layer)))
         hidden[rows] = x + model.mlp(layer, x)
+    return plan
+
+
+def blended_prefill(
+    model: DecoderOps,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    reuse_mask: torch.Tensor,
+    cached_k: torch.Tensor,
+    cached_v: torch.Tensor,
+    config: BlendConfig,
+) -> BlendResult:
+    """Prefill one whole request, reusing ``cached_k``/``cached_v`` where ``reuse_mask`` is True.
+
+    Parameters
+    ----------
+    input_ids, positions : torch.Tensor
+        ``(N,)`` int64; ``positions`` are ``0..N-1``.
+    reuse_mask : torch.Tensor
+        ``(N,)`` bool; the last row must be False (the question is always computed).
+    cached_k, cached_v : torch.Tensor
+        ``(L, N, Hkv, D)``, the model's dtype; K realigned to ``positions``. Not modified.
+    config : BlendConfig
+        Ratio schedule and selector.
+    """
+    n = input_ids.numel()
+    shape = (model.num_layers, n, model.num_kv_heads, model.head_dim)
+    if input_ids.dim() != 1:
+        raise ValueError(f"input_ids must be (N,), got {tuple(input_ids.shape)}")
+    if cached_k.shape != shape or cached_v.shape != shape:
+        raise ValueError(f"cached_k/v must be {shape}, got {tuple(cached_k.shape)}")
+    kv = TensorKVStore(cached_k.clone(), cached_v.clone())
+    hidden = model.embed(input_ids)
+    plan = blend_layers(model, hidden, positions, reuse_mask, kv, config)
     return BlendResult(
         logits=model.logits(hidden[-1:])[0],
-        k=k_store,
-        v=v_store,
+        k=kv.k,
+        v=kv.v,
         recomputed_rows=plan.recomputed_rows,
         full_rows=plan.full_rows,
     )
