@@ -16,7 +16,7 @@ from dataclasses import asdict
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
-from sglang_cacheblend.srt import options
+from sglang_cacheblend.srt import options, request_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,13 @@ def _take_cacheblend_args(original: Callable[..., Any], cls: Any, args: argparse
                 f"got {backend!r}"
             )
         args.radix_cache_backend = options.RADIX_BACKEND_NAME
+        model_package = os.environ.get(options.MODEL_PACKAGE_ENV_VAR)
+        if model_package not in (None, options.MODEL_PACKAGE):
+            raise ValueError(
+                f"--enable-cacheblend loads its models from {options.MODEL_PACKAGE}, but "
+                f"{options.MODEL_PACKAGE_ENV_VAR}={model_package} is set"
+            )
+        os.environ[options.MODEL_PACKAGE_ENV_VAR] = options.MODEL_PACKAGE
         os.environ[options.ENV_VAR] = opts.to_env()
         logger.info("CacheBlend enabled: %s", opts)
     else:
@@ -120,6 +127,7 @@ def _report_cacheblend_state(result: Any, controller: Any, *args: Any, **kwargs:
         "pid": os.getpid(),
         **asdict(opts),
         "tree_cache": type(tree_cache).__name__,
+        "model_class": _qualified_name(scheduler.tp_worker.model_runner.model),
         # The scheduler's own leak check holds when available + evictable + protected == total.
         "token_pool": {
             "total": scheduler.max_total_num_tokens,
@@ -134,6 +142,23 @@ def _report_cacheblend_state(result: Any, controller: Any, *args: Any, **kwargs:
         report["chunk_index"] = stats._asdict() if hasattr(stats, "_asdict") else asdict(stats)
     state["cacheblend"] = report
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Chunks: admission locks a request's chunk hits (the bodies of the request hooks are in
+# request_chunks.py).
+# --------------------------------------------------------------------------------------------
+
+
+def _admit_request_chunks(result: Any, adder: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
+    admit = getattr(adder.tree_cache, "admit_chunks", None)
+    if admit is not None:
+        admit(req)
+    return result
+
+
+def _qualified_name(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 HOOKS: tuple[Hook, ...] = (
@@ -163,6 +188,43 @@ HOOKS: tuple[Hook, ...] = (
         "AFTER",
         _report_cacheblend_state,
         "shows, in /server_info internal_states, the options the scheduler process runs with",
+    ),
+    Hook(
+        "sglang.srt.managers.tokenizer_manager.TokenizerManager._tokenize_one_request",
+        "AROUND",
+        request_chunks.tokenize_with_chunks,
+        "chunks must be tokenized each on its own and their spans must reach Req.kv_hints; "
+        "this is where SGLang turns a request's text into input_ids (ValueError -> HTTP 400)",
+    ),
+    Hook(
+        "sglang.srt.managers.tokenizer_manager.TokenizerManager._should_use_batch_tokenization",
+        "AROUND",
+        request_chunks.keep_sequential_tokenization,
+        "--enable-tokenizer-batch-encode tokenizes batches without _tokenize_one_request; "
+        "batches with chunks must take the per-request path",
+    ),
+    Hook(
+        "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat."
+        "_render_and_encode_chat_template",
+        "AROUND",
+        request_chunks.render_chat_with_markers,
+        "the chat path renders and tokenizes in one step, which would tokenize the chunk "
+        "markers as text; with markers it returns the rendered text instead",
+    ),
+    Hook(
+        "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat."
+        "_convert_to_internal_request",
+        "AROUND",
+        request_chunks.convert_chat_with_chunks,
+        "the OpenAI protocol has no kv_hints; marked chat text becomes input_ids plus an "
+        "explicit cacheblend.chunks action (no special tokens added: the template has them)",
+    ),
+    Hook(
+        "sglang.srt.managers.schedule_policy.PrefillAdder._commit_prefill_admission",
+        "AFTER",
+        _admit_request_chunks,
+        "admission is where SGLang locks a request's prefix; the request's chunk hits are "
+        "locked there too (the tree cache's lock() does not see the request)",
     ),
 )
 

@@ -19,6 +19,9 @@ from sglang_cacheblend.config import BlendConfig
 
 ENV_VAR = "SGLANG_CACHEBLEND_OPTIONS"
 RADIX_BACKEND_NAME = "cacheblend"
+# SGLang's seam for out-of-tree model classes; schedulers inherit it from the launcher.
+MODEL_PACKAGE_ENV_VAR = "SGLANG_EXTERNAL_MODEL_PACKAGE"
+MODEL_PACKAGE = "sglang_cacheblend.srt.models"
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,10 @@ def _cacheblend_state(server: ServerProcess) -> dict:
 def test_backend_is_selected_by_the_launch_flag(server, plain_server):
     assert _cacheblend_state(server)["tree_cache"] == "CacheBlendRadixCache"
     assert _cacheblend_state(plain_server)["tree_cache"] == "UnifiedRadixCache"
+    # The launch flag also loads our model classes through SGLANG_EXTERNAL_MODEL_PACKAGE.
+    assert _cacheblend_state(server)["model_class"] == (
+        "sglang_cacheblend.srt.models.llama.LlamaForCausalLM")
+    assert _cacheblend_state(plain_server)["model_class"].startswith("sglang.srt.models.")
 
 
 def test_same_greedy_outputs_as_default_backend_including_prefix_hits(server, plain_server):

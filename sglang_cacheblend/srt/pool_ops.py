@@ -1,0 +1,108 @@
+"""``DecoderOps`` and ``KVStore`` over SGLang's own Llama modules and KV pool.
+
+The blended forward (:func:`sglang_cacheblend.blend.forward.blend_layers`) runs SGLang's
+modules (norms, fused QKV projection, SGLang's rotary embedding, MLP) and keeps the request's KV
+in SGLang's token pool, in the request's own slots, so decode and the radix cache see exactly
+what a normal prefill would have left there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sglang_cacheblend.blend.rope import realign_keys
+from sglang_cacheblend.blend.rotary import RotaryConfig
+from sglang_cacheblend.srt.blend_requests import ChunkHit
+
+
+class SGLangLlamaOps:
+    """``DecoderOps`` over an SGLang ``LlamaForCausalLM`` (and subclasses such as Mistral)."""
+
+    def __init__(self, model: Any) -> None:
+        config = model.config
+        self._model = model
+        self._layers = model.model.layers
+        self.num_layers = config.num_hidden_layers
+        self.num_q_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._model.model.embed_tokens(input_ids)
+
+    def qkv(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor):
+        block = self._layers[layer]
+        n = hidden.shape[0]
+        q, k, v = block.self_attn.forward_prepare_native(positions, block.input_layernorm(hidden))
+        return (q.reshape(n, self.num_q_heads, self.head_dim),
+                k.reshape(n, self.num_kv_heads, self.head_dim),
+                v.reshape(n, self.num_kv_heads, self.head_dim))
+
+    def attn_out(self, layer: int, attn: torch.Tensor) -> torch.Tensor:
+        return self._layers[layer].self_attn.o_proj(attn.reshape(attn.shape[0], -1))[0]
+
+    def mlp(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        block = self._layers[layer]
+        return block.mlp(block.post_attention_layernorm(hidden))
+
+    def attention_layer(self, layer: int) -> Any:
+        return self._layers[layer].self_attn.attn
+
+
+@dataclass
+class PoolKVStore:
+    """One request's KV in SGLang's token pool: ``slots`` ``(kv_len,)`` by position.
+
+    Positions ``0..prefix_len-1`` are the radix-cached prefix (read only); the request's new rows
+    are ``slots[prefix_len:]``.
+    """
+
+    pool: Any
+    ops: SGLangLlamaOps
+    slots: torch.Tensor
+    prefix_len: int
+
+    @property
+    def kv_len(self) -> int:
+        return self.slots.numel()
+
+    def _loc(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.slots[self.prefix_len + rows]
+
+    def cached(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc = self._loc(rows)
+        return self.pool.get_key_buffer(layer)[loc], self.pool.get_value_buffer(layer)[loc]
+
+    def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.pool.set_kv_buffer(self.ops.attention_layer(layer), self._loc(rows), k, v)
+
+    def keys_values(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pool.get_key_buffer(layer)[self.slots], self.pool.get_value_buffer(layer)[
+            self.slots]
+
+    def seed_chunk(self, hit: ChunkHit, rotary: RotaryConfig) -> tuple[int, int] | None:
+        """Copy a chunk's KV into this request's slots, K realigned to the chunk's new positions.
+
+        Returns the covered new-row range ``(first, last + 1)``, or None when the radix prefix
+        already holds the whole span (exact KV beats reused KV). The chunk's own slots are only
+        read: cached chunk KV is never modified in place.
+        """
+        start = max(hit.start, self.prefix_len)
+        if start >= hit.end:
+            return None
+        skip = start - hit.start
+        src = hit.kv_loc[skip:].to(self.slots.device)
+        dst = self.slots[start:hit.end]
+        old_positions = hit.positions[skip:]
+        new_positions = torch.arange(start, hit.end)
+        for layer in range(self.ops.num_layers):
+            k_buf = self.pool.get_key_buffer(layer)
+            v_buf = self.pool.get_value_buffer(layer)
+            k_buf[dst] = realign_keys(k_buf[src], old_positions, new_positions, rotary)
+            v_buf[dst] = v_buf[src]
+        return start - self.prefix_len, hit.end - self.prefix_len
