@@ -27,7 +27,7 @@ anything.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -37,9 +37,27 @@ from sglang_cacheblend.blend.plan import BlendPlan
 from sglang_cacheblend.config import BlendConfig
 
 __all__ = [
-    "BlendResult", "DecoderOps", "KVStore", "TensorKVStore", "blend_layers", "blended_prefill",
+    "BlendResult", "DecoderDims", "DecoderOps", "KVStore", "TensorKVStore", "blend_layers", "blended_prefill",
     "extend", "full_prefill",
 ]
+
+
+@dataclass(frozen=True)
+class DecoderDims:
+    """Layer and head counts of a Llama-family config (HF-style attribute names)."""
+
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> "DecoderDims":
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        return cls(config.num_hidden_layers, config.num_attention_heads,
+                   config.num_key_value_heads, head_dim)
 
 
 class DecoderOps(Protocol):

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from sglang_cacheblend.blend.forward import DecoderDims
 from sglang_cacheblend.blend.rope import realign_keys
 from sglang_cacheblend.blend.rotary import RotaryConfig
 
@@ -25,12 +26,9 @@ class HFLlamaOps:
         config = model.config
         self._model = model
         self._layers = model.model.layers
-        self.num_layers = config.num_hidden_layers
-        self.num_q_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or (
-            config.hidden_size // config.num_attention_heads
-        )
+        dims = DecoderDims.from_hf_config(config)
+        self.num_layers, self.num_q_heads = dims.num_layers, dims.num_q_heads
+        self.num_kv_heads, self.head_dim = dims.num_kv_heads, dims.head_dim
         self.rotary = RotaryConfig.from_hf_config(config)
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
