@@ -10,7 +10,14 @@ Packages, by job:
     ``sglang_cacheblend.srt``     the SGLang glue: plugin, radix-cache backend, model path
     ``sglang_cacheblend.models``  the embedded default model (SmolLM2-135M-Instruct)
 
+Client API: ``chunk(text)`` marks a reusable chunk (``s += cb.chunk(passage)`` in an
+``sgl.function``, or inside ``/generate`` text and chat messages); ``precompute_chunks(base_url,
+texts)`` stores chunks in a server's chunk index ahead of time.
+
 Importing this package is cheap: it imports neither torch nor sglang.
 """
 
+from sglang_cacheblend.chunks import chunk, precompute_chunks
+
+__all__ = ["chunk", "precompute_chunks"]
 __version__ = "0.1.0"

@@ -31,6 +31,16 @@ Namespaces: blended KV is never an exact prefix
   ``extra_key`` and never sees it. Setting that key on blended requests is the request-wiring
   issue's job; this module only provides the rule.
 
+Requests with chunks
+--------------------
+A request's CacheBlend action (``Req.kv_hints``, written by the tokenizer hook, see
+``request_chunks``) is read in ``match_prefix``, which looks its chunk spans up (touching only
+access times, as it runs several times per request); ``admit_chunks`` (called when the request
+is admitted to prefill) locks the hits until ``on_release`` / ``release_aborted_request`` and
+counts hits and misses once per request. Spans that end inside the exact prefix hit are served
+by the prefix and not looked up. A precompute request matches no prefix, so it owns its whole
+row, and ``checkpoint`` hands its chunk's slots to the index when it finishes.
+
 Chunk KV is read-only
 ---------------------
 Slots in ``ChunkMatch.kv_loc`` belong to the index. A request that reuses a chunk copies (and
@@ -42,22 +52,32 @@ from __future__ import annotations
 
 import heapq
 import json
+import logging
 import time
 from collections.abc import Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult
+from sglang.srt.mem_cache.base_prefix_cache import (
+    EvictParams,
+    EvictResult,
+    MatchPrefixParams,
+    MatchResult,
+)
 from sglang.srt.mem_cache.radix_cache import RadixCache
 
 from radix_ext import ChunkIndex, ChunkMatch, ChunkNamespace, ChunkStats, InsertChunkResult
 from radix_ext.base import LockResult, TokenIds
+from sglang_cacheblend.chunks import ChunkAction
+from sglang_cacheblend.srt.request_chunks import chunk_action_of
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.mem_cache.base_prefix_cache import CacheRequestHandle
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
     from sglang.srt.mem_cache.registry import TreeCacheBuildContext
+
+logger = logging.getLogger(__name__)
 
 BLEND_EXTRA_KEY = "cacheblend:v1"
 """Prefix-tree namespace of blended (approximate) KV."""
@@ -94,6 +114,7 @@ class CacheBlendRadixCache(RadixCache):
     ) -> None:
         # RadixCache.__init__ calls reset(), which resets the index: create the index first.
         self._chunks = ChunkIndex(params.token_to_kv_pool_allocator, clock=time.monotonic)
+        self._admitted: dict[Hashable, tuple[ChunkMatch, ...]] = {}
         self._model_id = model_id
         self._rope = rope
         super().__init__(params)
@@ -149,12 +170,112 @@ class CacheBlendRadixCache(RadixCache):
         """Hits, misses, inserts, evictions and sizes of the chunk index (tokens)."""
         return self._chunks.stats()
 
+    # ------------------------------------------------------------------ requests with chunks
+
+    def admit_chunks(self, req: Req) -> None:
+        """Lock the chunk hits of a request just admitted to prefill, until it is released.
+
+        Counts each of its looked-up spans once as a hit or a miss. Misses are only recorded:
+        nothing computes them standalone yet.
+        """
+        action = chunk_action_of(req)
+        if action is None or action.precompute or self.disable:
+            return
+        matches = self._match_request_chunks(req, action, req.prefix_len)
+        self._chunks.lock(req.rid, matches)
+        self._admitted[req.rid] = tuple(matches)
+
+    def admitted_chunks(self, rid: Hashable) -> tuple[ChunkMatch, ...]:
+        """The chunk lookups of an admitted request (hits are locked), in span order."""
+        return self._admitted.get(rid, ())
+
+    def _match_request_chunks(
+        self, req: Req, action: ChunkAction, prefix_len: int
+    ) -> list[ChunkMatch]:
+        spans = [(start, end) for start, end in action.spans if end > prefix_len]
+        if not spans:
+            return []
+        namespace = self.chunk_namespace(
+            cache_salt=req.cache_salt, extra_key=req.extra_key, variant=action.variant
+        )
+        return self.match_chunks(namespace, req.origin_input_ids, spans)
+
+    def _hand_chunk_to_index(self, req: Req, action: ChunkAction, up_to: int) -> None:
+        """Move a finished precompute request's chunk slots from its row to the chunk index.
+
+        The request matched no prefix, so it owns its whole row:
+
+        ===============  ============================  ========================================
+        row positions    KV of                         after this call
+        ===============  ============================  ========================================
+        [0, start)       the attention sink            freed here
+        [start, end)     the chunk, at those positions owned by the index (a duplicate: freed)
+        [end, up_to)     generated tokens, if any      freed here
+        [up_to, ...)     over-allocation               freed by ``release_kv_cache``
+        ===============  ============================  ========================================
+
+        ``cache_protected_len`` becomes ``up_to``, so ``release_kv_cache`` frees none of
+        ``[0, up_to)`` again: every slot has exactly one owner.
+        """
+        ((start, end),) = action.spans
+        protected = req.kv.cache_protected_len
+        if self.page_size != 1 or protected > start or end > up_to:
+            logger.error(
+                "request %s: chunk [%d, %d) not stored (page_size %d, protected %d, kv %d)",
+                req.rid, start, end, self.page_size, protected, up_to,
+            )
+            return
+        row = self.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :up_to].to(torch.int64)
+        namespace = self.chunk_namespace(
+            cache_salt=req.cache_salt, extra_key=req.extra_key, variant=action.variant
+        )
+        result = self.insert_chunk(
+            namespace, req.origin_input_ids[start:end], row[start:end].clone(), start
+        )
+        if result.redundant_loc is None:
+            ranges = [(protected, start), (end, up_to)]
+        else:
+            ranges = [(protected, up_to)]
+        self.free_kv_row(req.kv, [(lo, hi) for lo, hi in ranges if lo < hi])
+        req.kv.cache_protected_len = up_to
+
     # ------------------------------------------------------------------ SGLang overrides
 
     def reset(self) -> None:
         """Drop the tree and the index; slots are left to ``allocator.clear()`` as for the tree."""
         super().reset()
         self._chunks.reset()
+        self._admitted.clear()
+
+    def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
+        """SGLang's exact-prefix match, plus a lookup of the request's chunk spans.
+
+        Side effects: access times only (the scheduler calls this several times per request).
+        A precompute request matches nothing, so its whole row is its own.
+        """
+        action = None if params.req is None else chunk_action_of(params.req)
+        if action is not None and action.precompute:
+            return self._empty_match_result
+        result = super().match_prefix(params)
+        if action is not None and not self.disable:
+            self._match_request_chunks(params.req, action, result.device_prefix_len)
+        return result
+
+    def checkpoint(self, req: Req, *, up_to: int) -> None:
+        """As ``RadixCache.checkpoint``, except for precompute requests.
+
+        Their KV never enters the prefix tree: when the request finishes (not aborted), its chunk
+        slots go to the chunk index; before that, the row stays the request's.
+        """
+        action = chunk_action_of(req)
+        if action is None or not action.precompute:
+            super().checkpoint(req, up_to=up_to)
+            return
+        from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+        aborted = isinstance(req.finished_reason, FINISH_ABORT)
+        if not self.disable and req.finished() and not aborted:
+            self._hand_chunk_to_index(req, action, up_to)
 
     def evict(self, params: EvictParams) -> EvictResult:
         """Free at least ``params.num_tokens`` from the tree and the chunk index together.
@@ -201,10 +322,12 @@ class CacheBlendRadixCache(RadixCache):
     def on_release(self, req: Req, *, checkpointed: bool) -> None:
         super().on_release(req, checkpointed=checkpointed)
         self._chunks.unlock(req.rid)
+        self._admitted.pop(req.rid, None)
 
     def release_aborted_request(self, handle: CacheRequestHandle) -> None:
         super().release_aborted_request(handle)
         self._chunks.unlock(handle.rid)
+        self._admitted.pop(handle.rid, None)
 
     def check_integrity(self) -> None:
         """Check the chunk index and the tree's size accounting; raise ``AssertionError``."""

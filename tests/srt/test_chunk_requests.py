@@ -1,0 +1,323 @@
+"""Chunk marking end to end on a real server: cb.chunk + sgl.gen, /generate, OpenAI chat.
+
+Uses the session ``server`` (``--enable-cacheblend``). Chunk-index counters are compared as
+deltas, and every test uses passages of its own, so the tests do not depend on each other's
+order (the last one checks the pool once the server is idle).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+import uuid
+
+import pytest
+import requests
+
+import sglang_cacheblend as cb
+from sglang_cacheblend.chunks import (
+    CHUNK_CLOSE,
+    CHUNK_OPEN,
+    chunk_hints,
+    precompute_hints,
+    split_chunks,
+    tokenize_segments,
+)
+
+TIMEOUT = 300
+GREEDY = {"temperature": 0, "max_new_tokens": 8}
+
+
+def _passages(n: int) -> list[str]:
+    """``n`` passages no other test sends (a fresh tag in each)."""
+    tag = uuid.uuid4().hex[:8]
+    facts = [
+        "The Eiffel Tower is in Paris, the capital of France.",
+        "Mount Fuji is the highest mountain in Japan.",
+        "The Amazon river flows through Brazil and Peru.",
+        "Penguins live mostly in the Southern Hemisphere.",
+        "The piano was invented in Italy around 1700.",
+    ]
+    return [f"[doc {tag}-{i}] {facts[i % len(facts)]}" for i in range(n)]
+
+
+def _state(server) -> dict:
+    info = requests.get(server.base_url + "/server_info", timeout=60).json()
+    return info["internal_states"][0]["cacheblend"]
+
+
+def _stats_delta(before: dict, after: dict) -> dict:
+    keys = ("hits", "misses", "hit_tokens", "inserts", "duplicate_inserts")
+    return {key: after["chunk_index"][key] - before["chunk_index"][key] for key in keys}
+
+
+def _post(server, path: str, body: dict) -> requests.Response:
+    return requests.post(server.base_url + path, json=body, timeout=TIMEOUT)
+
+
+def _generate(server, body: dict) -> dict:
+    response = _post(server, "/generate", {"sampling_params": GREEDY, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _chat(server, messages: list[dict]) -> dict:
+    body = {
+        "model": "default",
+        "messages": messages,
+        "max_tokens": GREEDY["max_new_tokens"],
+        "temperature": 0,
+        "return_prompt_token_ids": True,
+    }
+    response = _post(server, "/v1/chat/completions", body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def test_every_hook_target_exists_in_this_sglang():
+    """SGLang's HookRegistry only logs a target it cannot resolve; fail here instead."""
+    import pkgutil
+
+    from sglang_cacheblend.srt.hooks import HOOKS
+
+    for hook in HOOKS:
+        owner, _, name = hook.target.rpartition(".")
+        assert callable(getattr(pkgutil.resolve_name(owner), name)), hook.target
+        assert hook.reason
+
+
+def _normalized_request(**fields):
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    obj = GenerateReqInput(sampling_params={"max_new_tokens": 3}, **fields)
+    obj.normalize_batch_and_arguments()
+    return obj
+
+
+def test_tokenizer_hook_writes_the_action_and_keeps_other_kv_hints(tokenizer):
+    from types import SimpleNamespace
+
+    from sglang_cacheblend.srt.request_chunks import _prepare_request, chunk_action_of
+
+    manager = SimpleNamespace(tokenizer=tokenizer, context_len=8192)
+    plain = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    other = {"action_id": "x", "action_type": "other.hint", "action_version": "3", "payload": {}}
+    hints = {"protocol_version": "1", "message_id": "m", "actions": [other]}
+    obj = _normalized_request(text="Q " + cb.chunk("alpha beta") + " end", kv_hints=hints)
+    assert _prepare_request(manager, obj) is None
+    assert obj.input_ids == plain("Q ") + plain("alpha beta") + plain(" end")
+    assert obj.text == "Q alpha beta end"
+    assert [a.action_type for a in obj.kv_hints.actions] == ["other.hint", "cacheblend.chunks"]
+    req = SimpleNamespace(kv_hints=obj.kv_hints, origin_input_ids=obj.input_ids, rid="r")
+    start = len(plain("Q "))
+    assert chunk_action_of(req).spans == ((start, start + len(plain("alpha beta"))),)
+
+    ids = plain("a passage given as token ids")
+    obj = _normalized_request(input_ids=list(ids), kv_hints=precompute_hints())
+    _prepare_request(manager, obj)
+    assert obj.input_ids == [tokenizer.bos_token_id, *ids]  # the sink, then the chunk
+    action = chunk_action_of(SimpleNamespace(kv_hints=obj.kv_hints, origin_input_ids=obj.input_ids))
+    assert action.precompute and action.spans == ((1, 1 + len(ids)),)
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def _bad_requests() -> list[tuple[str, dict, str]]:
+    long_chunk = cb.chunk("word " * 9000)  # more tokens than the model's context
+    hints = lambda spans: chunk_hints(spans)  # noqa: E731
+    ids = list(range(10, 30))
+    return [
+        ("/generate", {"text": f"a {CHUNK_OPEN} b"}, "never closed"),
+        ("/generate", {"text": f"a {CHUNK_CLOSE} b"}, "no matching start marker"),
+        ("/generate", {"text": f"{CHUNK_OPEN}x{cb.chunk('y')}{CHUNK_CLOSE}"}, "cannot nest"),
+        (
+            "/generate",
+            {"text": f"q {CHUNK_OPEN} {CHUNK_CLOSE}"},
+            "chunk 0 (at character 2) is empty",
+        ),
+        ("/generate", {"text": long_chunk}, "more than the limit of"),
+        ("/generate", {"input_ids": ids, "kv_hints": hints([(5, 30)])}, "outside the prompt of 20"),
+        ("/generate", {"input_ids": ids, "kv_hints": hints([(0, 6), (5, 9)])}, "must not overlap"),
+        ("/generate", {"input_ids": ids, "kv_hints": hints([(8, 9), (0, 2)])}, "sorted"),
+        ("/generate", {"input_ids": ids, "kv_hints": hints([(4, 4)])}, "is empty"),
+        ("/generate", {"text": "too short", "kv_hints": hints([(0, 50)])}, "outside the prompt"),
+        (
+            "/generate",
+            {"text": cb.chunk("x") + " more", "kv_hints": hints([(0, 1)])},
+            "not both",
+        ),
+        (
+            "/generate",
+            {"text": cb.chunk("x") + cb.chunk("y"), "kv_hints": precompute_hints()},
+            "exactly one chunk",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "default", "messages": [{"role": "user", "content": f"a {CHUNK_OPEN}"}]},
+            "messages[0]: chunk start marker at character 2 is never closed",
+        ),
+    ]
+
+
+def test_bad_markers_and_spans_get_400_naming_the_problem_and_the_server_keeps_serving(server):
+    for path, body, message in _bad_requests():
+        response = _post(server, path, {"sampling_params": {"max_new_tokens": 2}, **body})
+        assert response.status_code == 400, (body, response.text)
+        assert message in response.text, (message, response.text)
+    ok = _generate(server, {"text": "Hello " + cb.chunk(_passages(1)[0]) + " Summary:"})
+    assert ok["meta_info"]["completion_tokens"] > 0
+    pool = _state(server)["token_pool"]
+    assert pool["available"] + pool["evictable"] + pool["protected"] == pool["total"]
+
+
+# ------------------------------------------------------------------------------ three ways
+
+
+def test_frontend_generate_and_openai_give_the_same_tokens_and_answer(server, tokenizer):
+    import sglang as sgl
+
+    a, b, c = _passages(3)
+    content = f"Passages:\n{cb.chunk(a)}\n{cb.chunk(b)}\n{cb.chunk(c)}\nWhere is the Eiffel Tower?"
+    messages = [{"role": "user", "content": content}]
+    # The chat template with the markers in place; each chunk is then tokenized on its own.
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    plain = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    expected = tokenize_segments(split_chunks(rendered), plain)
+    assert len(expected.spans) == 3
+    for (start, end), passage in zip(expected.spans, (a, b, c)):
+        assert list(expected.input_ids[start:end]) == plain(passage)
+
+    before = _state(server)
+    chat = _chat(server, messages)
+    text = _generate(server, {"text": rendered, "return_prompt_token_ids": True})
+    spans = _generate(
+        server,
+        {
+            "input_ids": list(expected.input_ids),
+            "kv_hints": chunk_hints(expected.spans),
+            "return_prompt_token_ids": True,
+        },
+    )
+
+    @sgl.function
+    def rag(s, pieces):
+        for piece in pieces:
+            s += cb.chunk(piece.text) if piece.is_chunk else piece.text
+        s += sgl.gen("answer", max_tokens=GREEDY["max_new_tokens"], temperature=0)
+
+    state = rag.run(pieces=split_chunks(rendered), backend=sgl.RuntimeEndpoint(server.base_url))
+    after = _state(server)
+
+    assert chat["choices"][0]["prompt_token_ids"] == list(expected.input_ids)
+    assert text["prompt_token_ids"] == spans["prompt_token_ids"] == list(expected.input_ids)
+    assert state.get_meta_info("answer")["prompt_tokens"] == len(expected.input_ids)
+    answers = {
+        chat["choices"][0]["message"]["content"].strip(),
+        text["text"].strip(),
+        spans["text"].strip(),
+        state["answer"].strip(),
+    }
+    assert len(answers) == 1, answers
+    # Unseen chunks are misses of the first request; the three repeats are exact prefix hits,
+    # whose chunk spans the prefix covers, so they are not looked up again.
+    assert _stats_delta(before, after) == {
+        "hits": 0,
+        "misses": 3,
+        "hit_tokens": 0,
+        "inserts": 0,
+        "duplicate_inserts": 0,
+    }
+
+
+# ------------------------------------------------------------------------------ precompute
+
+
+def test_precomputed_chunks_are_found_in_any_order_and_position(server, tokenizer):
+    a, b, c, d, e = _passages(5)
+    plain = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    before = _state(server)
+    outputs = cb.precompute_chunks(server.base_url, [a, b, c])
+    # Each chunk ran standalone after a one-token attention sink (SmolLM2's BOS).
+    assert [o["meta_info"]["prompt_tokens"] for o in outputs] == [
+        1 + len(plain(p)) for p in (a, b, c)
+    ]
+    stored = _state(server)
+    assert _stats_delta(before, stored)["inserts"] == 3
+    assert stored["token_pool"]["protected"] == 0
+
+    question = f"Question {uuid.uuid4().hex[:6]}: where is the Eiffel Tower?\n"
+    reordered = question + cb.chunk(c) + "\n\n" + cb.chunk(a) + " " + cb.chunk(b) + "\nAnswer:"
+    _generate(server, {"text": reordered})
+    found = _state(server)
+    assert _stats_delta(stored, found) == {
+        "hits": 3,
+        "misses": 0,
+        "hit_tokens": sum(len(plain(p)) for p in (a, b, c)),
+        "inserts": 0,
+        "duplicate_inserts": 0,
+    }
+
+    _generate(server, {"text": "Other question.\n" + cb.chunk(b) + cb.chunk(d) + "\nAnswer:"})
+    mixed = _state(server)
+    assert _stats_delta(found, mixed)["hits"] == 1
+    assert _stats_delta(found, mixed)["misses"] == 1
+
+    # A chunk-only request with max_new_tokens 0 precomputes too; a repeat is a duplicate.
+    _generate(server, {"text": cb.chunk(e), "sampling_params": {"max_new_tokens": 0}})
+    cb.precompute_chunks(server.base_url, [a])
+    again = _state(server)
+    assert _stats_delta(mixed, again)["inserts"] == 1
+    assert _stats_delta(mixed, again)["duplicate_inserts"] == 1
+
+    chat = [{"role": "user", "content": f"{cb.chunk(e)}\n{cb.chunk(a)}\nWhich animal is named?"}]
+    _chat(server, chat)
+    assert _stats_delta(again, _state(server))["hits"] == 2
+
+
+# ------------------------------------------------------------------------------ no leaks
+
+
+def test_chunk_hits_are_locked_while_running_and_released_on_abort(server):
+    (passage,) = _passages(1)
+    cb.precompute_chunks(server.base_url, [passage])
+    rid = uuid.uuid4().hex
+    body = {
+        "rid": rid,
+        "text": "Repeat forever: " + cb.chunk(passage),
+        "sampling_params": {"temperature": 0, "max_new_tokens": 2000, "ignore_eos": True},
+    }
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        running = pool.submit(_post, server, "/generate", body)
+        deadline = time.monotonic() + TIMEOUT
+        while _state(server)["chunk_index"]["locked_size"] == 0:
+            assert not running.done(), running.result().text
+            assert time.monotonic() < deadline, "the request never locked its chunk"
+            time.sleep(0.2)
+        requests.post(server.base_url + "/abort_request", json={"rid": rid}, timeout=60)
+        running.result()
+    state = _state(server)
+    assert state["chunk_index"]["locked_size"] == 0
+    assert state["token_pool"]["protected"] == 0
+
+
+def test_idle_server_holds_no_chunk_locks_and_flush_returns_every_slot(server):
+    cb.precompute_chunks(server.base_url, _passages(2))
+    state = _state(server)
+    pool = state["token_pool"]
+    assert pool["protected"] == 0
+    assert state["chunk_index"]["locked_size"] == 0
+    assert state["chunk_index"]["evictable_size"] > 0
+    assert pool["available"] + pool["evictable"] == pool["total"]
+    requests.post(server.base_url + "/flush_cache", timeout=60).raise_for_status()
+    flushed = _state(server)
+    assert flushed["token_pool"]["available"] == flushed["token_pool"]["total"]
+    assert flushed["token_pool"]["evictable"] == 0
+    assert flushed["chunk_index"]["num_entries"] == 0

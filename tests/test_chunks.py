@@ -1,0 +1,229 @@
+"""Chunk markers, spans and kv_hints actions (``sglang_cacheblend.chunks``): pure, no server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import sglang_cacheblend as cb
+from sglang_cacheblend.chunks import (
+    ACTION_CHUNKS,
+    ACTION_PRECOMPUTE,
+    CHUNK_CLOSE,
+    CHUNK_OPEN,
+    ChunkAction,
+    ChunkedPrompt,
+    Segment,
+    chunk_hints,
+    contains_markers,
+    precompute_hints,
+    precompute_prompt,
+    read_chunk_action,
+    sink_ids,
+    sink_variant,
+    special_affixes,
+    split_chunks,
+    strip_markers,
+    tokenize_segments,
+    validate_spans,
+)
+
+
+def encode_words(text: str) -> list[int]:
+    """A toy tokenizer: one id per whitespace-separated word (its length), no specials."""
+    return [len(word) for word in text.split()]
+
+
+def with_bos(text: str) -> list[int]:
+    return [100, *encode_words(text)]
+
+
+# ------------------------------------------------------------------------------ markers
+
+
+def test_chunk_wraps_text_in_markers():
+    assert cb.chunk("Paris is in France.") == f"{CHUNK_OPEN}Paris is in France.{CHUNK_CLOSE}"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("", "empty"), ("   \n", "empty"), (f"a {CHUNK_OPEN} b", "markers"), (3, "str")],
+)
+def test_chunk_refuses_bad_text(text, message):
+    with pytest.raises(ValueError, match=message):
+        cb.chunk(text)
+
+
+def test_split_keeps_order_and_drops_empty_plain_segments():
+    text = "Q: " + cb.chunk("A a") + cb.chunk("B") + " tail"
+    assert split_chunks(text) == (
+        Segment("Q: ", False),
+        Segment("A a", True),
+        Segment("B", True),
+        Segment(" tail", False),
+    )
+    assert strip_markers(split_chunks(text)) == "Q: A aB tail"
+    assert split_chunks("no chunks") == (Segment("no chunks", False),)
+    assert split_chunks(cb.chunk("only")) == (Segment("only", True),)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (f"a {CHUNK_OPEN} b", r"start marker at character 2 is never closed"),
+        (f"a {CHUNK_CLOSE} b", r"end marker at character 2 has no matching start"),
+        (f"{CHUNK_OPEN}x{CHUNK_OPEN}y{CHUNK_CLOSE}{CHUNK_CLOSE}", "nested"),
+        (f"{cb.chunk('x')}{CHUNK_CLOSE}", "no matching start"),
+        (f"ok {CHUNK_OPEN}{CHUNK_CLOSE}", r"chunk 0 \(at character 3\) is empty"),
+        (f"{cb.chunk('x')}{CHUNK_OPEN} \n{CHUNK_CLOSE}", r"chunk 1 .* is empty"),
+    ],
+)
+def test_split_names_malformed_markers(text, message):
+    with pytest.raises(ValueError, match=message):
+        split_chunks(text)
+
+
+def test_contains_markers_walks_nested_messages():
+    messages = [{"role": "user", "content": [{"type": "text", "text": cb.chunk("x")}]}]
+    assert contains_markers(messages)
+    assert not contains_markers([{"role": "user", "content": "plain", "n": 3}])
+    assert contains_markers(f"stray {CHUNK_CLOSE}")
+
+
+# ------------------------------------------------------------------------------ token ids
+
+
+def test_each_chunk_is_tokenized_on_its_own():
+    segments = split_chunks("Docs: " + cb.chunk("alpha beta") + " and " + cb.chunk("gamma") + "?")
+    prompt = tokenize_segments(segments, encode_words, prefix_ids=(100,), suffix_ids=(101,))
+    #        BOS  Docs:  alpha beta  and  gamma  ?    EOS
+    assert prompt.input_ids == (100, 5, 5, 4, 3, 5, 1, 101)
+    assert prompt.spans == ((2, 4), (5, 6))
+
+
+def test_chunk_ids_do_not_depend_on_neighbours():
+    encode_chars = lambda text: [ord(c) for c in text]  # noqa: E731
+    chunk_text = "shared passage"
+    for prefix, suffix in [("x", "y"), ("a long prefix ", "?"), ("", "")]:
+        segments = split_chunks(prefix + cb.chunk(chunk_text) + suffix)
+        prompt = tokenize_segments(segments, encode_chars)
+        ((start, end),) = prompt.spans
+        assert list(prompt.input_ids[start:end]) == encode_chars(chunk_text)
+
+
+def test_oversized_and_empty_chunks_are_refused():
+    segments = split_chunks(cb.chunk("one two three"))
+    with pytest.raises(ValueError, match="chunk 0 has 3 tokens, more than the limit of 2"):
+        tokenize_segments(segments, encode_words, max_chunk_len=2)
+    with pytest.raises(ValueError, match="chunk 0 is empty after tokenization"):
+        tokenize_segments(segments, lambda text: [])
+
+
+def test_precompute_prompt_puts_the_chunk_after_the_sink():
+    prompt = precompute_prompt([7, 8, 9], (1,))
+    assert prompt == ChunkedPrompt((1, 7, 8, 9), ((1, 4),))
+    with pytest.raises(ValueError, match="empty"):
+        precompute_prompt([], (1,))
+    with pytest.raises(ValueError, match="more than the limit"):
+        precompute_prompt([7, 8, 9], (1,), max_chunk_len=2)
+
+
+def test_special_affixes_and_sink():
+    assert special_affixes(with_bos, encode_words) == ((100,), ())
+    assert special_affixes(lambda t: [100, *encode_words(t), 101], encode_words) == ((100,), (101,))
+    assert special_affixes(encode_words, encode_words) == ((), ())
+    with pytest.raises(ValueError, match="special tokens"):
+        special_affixes(lambda t: [9, 9], encode_words)
+    assert sink_ids(1, encode_words) == (1,)
+    assert sink_ids(None, lambda t: [13]) == (13,)
+    assert sink_variant((1,)) != sink_variant((13,))
+
+
+# ------------------------------------------------------------------------------ spans
+
+
+@pytest.mark.parametrize(
+    ("spans", "message"),
+    [
+        ([[0, 4], [3, 6]], r"sorted and must not overlap: span 1 \[3, 6\) starts before span 0"),
+        ([[4, 6], [0, 2]], "sorted and must not overlap"),
+        ([[2, 2]], r"span 0 \[2, 2\) is empty"),
+        ([[5, 3]], "is empty"),
+        ([[0, 11]], r"outside the prompt of 10 tokens"),
+        ([[-1, 3]], "outside the prompt"),
+        ([[0, 1, 2]], "pair of ints"),
+        ([["0", 2]], "pair of ints"),
+        ([[True, 2]], "pair of ints"),
+        ("0-2", "list of"),
+    ],
+)
+def test_bad_spans_are_named(spans, message):
+    with pytest.raises(ValueError, match=message):
+        validate_spans(spans, 10)
+
+
+def test_good_spans_pass_and_may_touch():
+    assert validate_spans([[0, 2], (2, 5), [7, 10]], 10) == ((0, 2), (2, 5), (7, 10))
+    assert validate_spans([], 0) == ()
+    with pytest.raises(ValueError, match="more than the limit of 2"):
+        validate_spans([[0, 3]], 10, max_chunk_len=2)
+
+
+# ------------------------------------------------------------------------------ actions
+
+
+def _triples(envelope: dict) -> list[tuple]:
+    return [(a["action_type"], a["action_version"], a["payload"]) for a in envelope["actions"]]
+
+
+def test_client_envelopes_read_back():
+    hints = chunk_hints([(3, 9), (9, 12)])
+    assert hints["actions"][0]["action_type"] == ACTION_CHUNKS
+    assert hints["protocol_version"] and hints["message_id"] and hints["actions"][0]["action_id"]
+    action = read_chunk_action(_triples(hints), normalized=False)
+    assert action == ChunkAction(False, ((3, 9), (9, 12)))
+    pre = read_chunk_action(_triples(precompute_hints()), normalized=False)
+    assert pre.precompute and pre.spans == ()
+    assert read_chunk_action([("other.kind", "7", None)], normalized=False) is None
+
+
+def test_server_payload_round_trips():
+    action = ChunkAction(True, ((1, 40),), "standalone-after:1")
+    back = read_chunk_action([(action.action_type, "1", action.payload())], normalized=True)
+    assert back == action and back.action_type == ACTION_PRECOMPUTE
+
+
+@pytest.mark.parametrize(
+    ("actions", "message"),
+    [
+        ([(ACTION_CHUNKS, "2", {"spans": []})], "action_version must be '1'"),
+        ([(ACTION_CHUNKS, "1", {})], "needs 'spans'"),
+        ([(ACTION_CHUNKS, "1", [1, 2])], "payload must be an object"),
+        ([(ACTION_CHUNKS, "1", {"spans": [[0, 2]]})] * 2, "2 CacheBlend actions"),
+        ([(ACTION_CHUNKS, "1", {"spans": [[2, 4], [0, 1]]})], "sorted"),
+    ],
+)
+def test_bad_client_actions_are_named(actions, message):
+    with pytest.raises(ValueError, match=message):
+        read_chunk_action(actions, normalized=False)
+
+
+def test_server_actions_need_a_variant_and_one_precompute_span():
+    with pytest.raises(ValueError, match="variant"):
+        read_chunk_action([(ACTION_CHUNKS, "1", {"spans": [[0, 2]]})], normalized=True)
+    with pytest.raises(ValueError, match="one chunk"):
+        read_chunk_action(
+            [(ACTION_PRECOMPUTE, "1", {"spans": [[1, 2], [2, 3]], "variant": "v"})],
+            normalized=True,
+        )
+
+
+def test_package_import_stays_light():
+    code = (
+        "import sys, sglang_cacheblend as cb; cb.chunk('x'); "
+        "print(any(m in sys.modules for m in ('torch', 'sglang', 'requests')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
