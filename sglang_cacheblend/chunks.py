@@ -312,18 +312,29 @@ class ChunkAction:
     precompute: bool
     spans: tuple[Span, ...]
     variant: str = ""
+    recompute_ratio: float | None = None  # per-request override of the server's ratio
 
     def __post_init__(self) -> None:
         validate_spans(self.spans, max((end for _, end in self.spans), default=0))
         if self.precompute and len(self.spans) > 1:
             raise ValueError(f"a precompute request holds one chunk, got {len(self.spans)}")
+        ratio = self.recompute_ratio
+        if ratio is not None and (
+            isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1
+        ):
+            raise ValueError(f"recompute_ratio must be a number in [0, 1], got {ratio!r}")
 
     @property
     def action_type(self) -> str:
         return ACTION_PRECOMPUTE if self.precompute else ACTION_CHUNKS
 
     def payload(self) -> dict[str, Any]:
-        return {"spans": [[start, end] for start, end in self.spans], "variant": self.variant}
+        payload: dict[str, Any] = {
+            "spans": [[start, end] for start, end in self.spans], "variant": self.variant
+        }
+        if self.recompute_ratio is not None:
+            payload["recompute_ratio"] = self.recompute_ratio
+        return payload
 
 
 def read_chunk_action(
@@ -359,7 +370,8 @@ def read_chunk_action(
         raise ValueError(f"{kind} payload needs a non-empty 'variant' string")
     if precompute and len(spans) != 1:
         raise ValueError(f"a precompute request holds one chunk, got {len(spans)}")
-    return ChunkAction(precompute, tuple((s, e) for s, e in spans), variant)
+    return ChunkAction(precompute, tuple((s, e) for s, e in spans), variant,
+                       payload.get("recompute_ratio"))
 
 
 def _max_end(spans: Any) -> int:

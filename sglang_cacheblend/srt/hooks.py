@@ -136,6 +136,9 @@ def _report_cacheblend_state(result: Any, controller: Any, *args: Any, **kwargs:
             "protected": tree_cache.protected_size(),
         },
     }
+    # Per-request accounting of the last blended extend batch (reused tokens, rows recomputed
+    # summed over layers, time in the blended forward).
+    report["last_blend"] = getattr(scheduler.tp_worker.model_runner.model, "last_blend_stats", {})
     chunk_stats = getattr(tree_cache, "chunk_stats", None)
     if callable(chunk_stats):
         stats = chunk_stats()

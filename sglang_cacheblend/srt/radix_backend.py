@@ -50,6 +50,7 @@ chunk's slots after ``insert_chunk``.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import json
 import logging
@@ -69,6 +70,8 @@ from sglang.srt.mem_cache.radix_cache import RadixCache
 from radix_ext import ChunkIndex, ChunkMatch, ChunkNamespace, ChunkStats, InsertChunkResult
 from radix_ext.base import LockResult, TokenIds
 from sglang_cacheblend.chunks import ChunkAction
+from sglang_cacheblend.srt.blend_requests import BlendRequest, ChunkHit
+from sglang_cacheblend.srt.options import ServerOptions
 from sglang_cacheblend.srt.request_chunks import chunk_action_of
 
 if TYPE_CHECKING:
@@ -115,6 +118,8 @@ class CacheBlendRadixCache(RadixCache):
         # RadixCache.__init__ calls reset(), which resets the index: create the index first.
         self._chunks = ChunkIndex(params.token_to_kv_pool_allocator, clock=time.monotonic)
         self._admitted: dict[Hashable, tuple[ChunkMatch, ...]] = {}
+        self._blends: dict[Hashable, BlendRequest] = {}
+        self._options = ServerOptions.from_env()
         self._model_id = model_id
         self._rope = rope
         super().__init__(params)
@@ -184,6 +189,32 @@ class CacheBlendRadixCache(RadixCache):
         matches = self._match_request_chunks(req, action, req.prefix_len)
         self._chunks.lock(req.rid, matches)
         self._admitted[req.rid] = tuple(matches)
+        blend = self._plan_blend(action, matches)
+        if blend is not None:
+            self._blends[req.rid] = blend
+            # Blended KV is approximate: it must never become an exact-prefix hit. SGLang's own
+            # opt-out flag keeps it out of the tree; the request frees its row when it finishes.
+            req.skip_radix_cache_insert = True
+
+    def _plan_blend(self, action: ChunkAction, matches: Sequence[ChunkMatch]) -> BlendRequest | None:
+        """Blend when enabled and enough of the prompt comes from cached chunks."""
+        if not self._options.enabled:
+            return None
+        hits = tuple(
+            ChunkHit(m.span_start, m.span_start + m.span_len, m.kv_loc, m.positions)
+            for m in matches if m.hit
+        )
+        config = self._options.blend
+        if action.recompute_ratio is not None:
+            config = dataclasses.replace(config, recompute_ratio=action.recompute_ratio, gradual=())
+        blend = BlendRequest(hits, config)
+        if not hits or blend.reused_tokens < config.min_reused_tokens:
+            return None
+        return blend
+
+    def blend_request(self, rid: Hashable) -> BlendRequest | None:
+        """``BlendRequestSource`` for the model: the blend decided at admission, if any."""
+        return self._blends.get(rid)
 
     def admitted_chunks(self, rid: Hashable) -> tuple[ChunkMatch, ...]:
         """The chunk lookups of an admitted request (hits are locked), in span order."""
@@ -246,6 +277,7 @@ class CacheBlendRadixCache(RadixCache):
         super().reset()
         self._chunks.reset()
         self._admitted.clear()
+        self._blends.clear()
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         """SGLang's exact-prefix match, plus a lookup of the request's chunk spans.
@@ -323,11 +355,13 @@ class CacheBlendRadixCache(RadixCache):
         super().on_release(req, checkpointed=checkpointed)
         self._chunks.unlock(req.rid)
         self._admitted.pop(req.rid, None)
+        self._blends.pop(req.rid, None)
 
     def release_aborted_request(self, handle: CacheRequestHandle) -> None:
         super().release_aborted_request(handle)
         self._chunks.unlock(handle.rid)
         self._admitted.pop(handle.rid, None)
+        self._blends.pop(handle.rid, None)
 
     def check_integrity(self) -> None:
         """Check the chunk index and the tree's size accounting; raise ``AssertionError``."""
@@ -377,9 +411,17 @@ def create_cacheblend_cache(ctx: TreeCacheBuildContext) -> CacheBlendRadixCache:
         raise ValueError("--radix-cache-backend cacheblend supports full-attention models only")
     if ctx.enable_hierarchical_cache:
         raise ValueError("--radix-cache-backend cacheblend does not support HiCache")
-    return CacheBlendRadixCache(
+    cache = CacheBlendRadixCache(
         ctx.params, model_id=_model_id(ctx.model_config), rope=_rope_signature(ctx.model_config)
     )
+    model = ctx.tp_worker.model_runner.model if ctx.tp_worker is not None else None
+    attach = getattr(model, "attach_blend_source", None)
+    if callable(attach):
+        attach(cache)
+    elif ServerOptions.from_env().enabled:
+        logger.warning("%s has no blended extend: chunk hits are looked up and locked, but "
+                       "requests are prefilled in full", type(model).__name__)
+    return cache
 
 
 def _model_id(model_config) -> str:

@@ -151,7 +151,7 @@ def _prepare_request(manager: Any, obj: GenerateReqInput) -> ChunkAction | None:
         action = ChunkAction(True, prompt.spans, variant)
         _set_prompt(obj, prompt, obj.text)
     else:
-        action = ChunkAction(False, client.spans, variant)
+        action = ChunkAction(False, client.spans, variant, client.recompute_ratio)
         if obj.input_ids is not None:
             validate_spans(client.spans, len(obj.input_ids), max_chunk_len=limit)
         else:
