@@ -1,0 +1,132 @@
+"""TTFT through a real SGLang server: full prefill, prefix cache, and CacheBlend, one run.
+
+One server (``--enable-cacheblend``, embedded SmolLM2, CPU defaults) serves every mode, so the
+ratios compare like with like. A request is the benchmark prompt (instruction + k musique_dev
+passages + question) with ``max_new_tokens=1``; its latency is the time to first token. Modes,
+interleaved per repetition, each on a fresh ``cache_salt`` so no mode warms another's cache:
+
+* ``full``: SGLang's normal prefill, nothing cached;
+* ``prefix_same``: the exact same prompt again (SGLang's prefix cache holds all of it);
+* ``prefix_reordered``: the same passages in reverse order (the prefix cache holds only the
+  instruction), what prefix caching gives a RAG prompt with reordered retrieval;
+* ``blend@r``: the reversed prompt with its chunks precomputed, blended at ratio r.
+
+Writes ``docs/results/server_ttft.{json,md}``. Usage::
+
+    python benchmarks/bench_server_ttft.py --passages 6 --reps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import requests
+
+import sglang_cacheblend as cb
+from sglang_cacheblend.chunks import chunk_hints
+from sglang_cacheblend.launch import ServerProcess
+from sglang_cacheblend.models import ensure_model
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cacheblend_inputs" / "musique_dev.json"
+
+
+def build(tokenizer, item: dict, passages: int, reverse: bool) -> tuple[list[int], list, list]:
+    def enc(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    texts = [c["text"] + "\n\n" for c in item["ctxs"][:passages]]
+    ids = enc("<|im_start|>system\nAnswer the question from the passages.<|im_end|>\n"
+              "<|im_start|>user\n")
+    spans = []
+    for text in reversed(texts) if reverse else texts:
+        chunk = enc(text)
+        spans.append([len(ids), len(ids) + len(chunk)])
+        ids += chunk
+    ids += enc(f"Question: {item['question']}<|im_end|>\n<|im_start|>assistant\n")
+    return ids, spans, texts
+
+
+def ttft(url: str, ids: list[int], salt: str, hints: dict | None = None) -> float:
+    body = {"input_ids": ids, "cache_salt": salt,
+            "sampling_params": {"temperature": 0, "max_new_tokens": 1}}
+    if hints is not None:
+        body["kv_hints"] = hints
+    start = time.perf_counter()
+    requests.post(url + "/generate", json=body, timeout=900).raise_for_status()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--item", type=int, default=0)
+    parser.add_argument("--passages", type=int, default=6)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.15])
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--port", type=int, default=30931)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    model_path = ensure_model()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    item = json.loads(args.data.read_text())[args.item]
+    ids, _, texts = build(tokenizer, item, args.passages, reverse=False)
+    rev_ids, rev_spans, _ = build(tokenizer, item, args.passages, reverse=True)
+    times: dict[str, list[float]] = {"full": [], "prefix_same": [], "prefix_reordered": []}
+    times.update({f"blend@{r:g}": [] for r in args.ratios})
+    log = Path("/tmp/bench_server_ttft.log")
+    with ServerProcess(args=["--enable-cacheblend"], port=args.port, model_path=model_path,
+                       log_path=log) as server:
+        url = server.base_url
+        ttft(url, ids, uuid.uuid4().hex)  # warm-up
+        for _ in range(args.reps):
+            salt = uuid.uuid4().hex
+            times["full"].append(ttft(url, ids, salt))  # also warms the tree for the next two
+            times["prefix_same"].append(ttft(url, ids, salt))
+            times["prefix_reordered"].append(ttft(url, rev_ids, salt))
+            for ratio in args.ratios:
+                salt = uuid.uuid4().hex
+                cb.precompute_chunks(url, texts, cache_salt=salt)
+                hints = chunk_hints(rev_spans)
+                hints["actions"][0]["payload"]["recompute_ratio"] = ratio
+                times[f"blend@{ratio:g}"].append(ttft(url, rev_ids, salt, hints))
+
+    med = {mode: statistics.median(v) for mode, v in times.items()}
+    rows = [{"mode": m, "min_s": min(v), "median_s": med[m], "max_s": max(v),
+             "vs_full": med["full"] / med[m], "vs_prefix_reordered": med["prefix_reordered"] / med[m]}
+            for m, v in times.items()]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    meta = {"tokens": len(ids), "passages": args.passages, "item": args.item, "reps": args.reps,
+            "commit": commit, "load_avg": list(os.getloadavg()),
+            "machine": "2-core x86_64 CPU, no GPU", "model": "SmolLM2-135M-Instruct bf16"}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "server_ttft.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [
+        "# TTFT through SGLang: full prefill, prefix cache, CacheBlend (CPU)", "",
+        f"Command: `python benchmarks/bench_server_ttft.py --passages {args.passages} "
+        f"--reps {args.reps}`  ",
+        f"Prompt: {len(ids)} tokens (instruction + {args.passages} musique_dev passages of item "
+        f"{args.item} + question); SmolLM2-135M bf16; one server; commit {commit}; load average "
+        f"{meta['load_avg']}.", "",
+        "| mode | min s | median s | max s | speedup vs full | vs prefix cache, reordered |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['mode']} | {r['min_s']:.2f} | {r['median_s']:.2f} | {r['max_s']:.2f} | "
+              f"{r['vs_full']:.2f}x | {r['vs_prefix_reordered']:.2f}x |" for r in rows]
+    (args.out / "server_ttft.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
