@@ -1,0 +1,46 @@
+"""A multi-turn RAG conversation as an ``sgl.function`` with ``cb.chunk`` and ``sgl.gen``.
+
+Run `sglang-cacheblend serve --enable-cacheblend` first (it listens on 127.0.0.1:30000). Each
+turn re-sends the passages as chunks, so their precomputed KV is reused wherever they sit.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import sglang as sgl
+
+import sglang_cacheblend as cb
+
+PASSAGES = [
+    "Marie Curie was born in Warsaw in 1867 and moved to Paris in 1891. " * 10,
+    "Curie won the Nobel Prize in Physics in 1903 and in Chemistry in 1911. " * 10,
+]
+
+
+@sgl.function
+def rag_turn(s, history, question):
+    s += "Answer from the passages.\n"
+    for passage in PASSAGES:
+        s += cb.chunk(passage)
+    for previous_question, previous_answer in history:
+        s += f"Question: {previous_question}\nAnswer: {previous_answer}\n"
+    s += f"Question: {question}\nAnswer:"
+    s += sgl.gen("answer", max_tokens=24, stop="\n", temperature=0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", default="http://127.0.0.1:30000")
+    args = parser.parse_args()
+    sgl.set_default_backend(sgl.RuntimeEndpoint(args.url))
+    cb.precompute_chunks(args.url, PASSAGES)
+    history: list[tuple[str, str]] = []
+    for question in ["Where was Marie Curie born?", "Which prizes did she win, and when?"]:
+        answer = rag_turn.run(history=history, question=question)["answer"].strip()
+        print(f"Q: {question}\nA: {answer}\n")
+        history.append((question, answer))
+
+
+if __name__ == "__main__":
+    main()
