@@ -25,8 +25,10 @@ def main() -> None:
     args = parser.parse_args()
     cb.precompute_chunks(args.url, PASSAGES)
     for order in ([0, 1], [1, 0]):
-        text = "Answer from the passages.\n" + "".join(cb.chunk(PASSAGES[i]) for i in order)
-        text += "Question: When was the Eiffel Tower completed?\nAnswer:"
+        # The embedded model is a ChatML chat model; /generate takes the rendered prompt as text.
+        text = "<|im_start|>system\nAnswer from the passages.<|im_end|>\n<|im_start|>user\n"
+        text += "".join(cb.chunk(PASSAGES[i]) for i in order)
+        text += "Question: When was the Eiffel Tower completed?<|im_end|>\n<|im_start|>assistant\n"
         out = requests.post(args.url + "/generate", timeout=600, json={
             "text": text, "sampling_params": {"temperature": 0, "max_new_tokens": 16}}).json()
         print(order, out["text"].strip())

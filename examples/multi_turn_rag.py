@@ -20,13 +20,15 @@ PASSAGES = [
 
 @sgl.function
 def rag_turn(s, history, question):
-    s += "Answer from the passages.\n"
+    # The embedded model speaks ChatML; the prompt is written out so chunk markers stay in place.
+    s += "<|im_start|>system\nAnswer from the passages.<|im_end|>\n<|im_start|>user\n"
     for passage in PASSAGES:
         s += cb.chunk(passage)
     for previous_question, previous_answer in history:
-        s += f"Question: {previous_question}\nAnswer: {previous_answer}\n"
-    s += f"Question: {question}\nAnswer:"
-    s += sgl.gen("answer", max_tokens=24, stop="\n", temperature=0)
+        s += f"Question: {previous_question}<|im_end|>\n<|im_start|>assistant\n"
+        s += f"{previous_answer}<|im_end|>\n<|im_start|>user\n"
+    s += f"Question: {question}<|im_end|>\n<|im_start|>assistant\n"
+    s += sgl.gen("answer", max_tokens=32, stop="<|im_end|>", temperature=0)
 
 
 def main() -> None:
