@@ -31,27 +31,27 @@ import requests
 
 import sglang_cacheblend as cb
 from sglang_cacheblend.chunks import chunk_hints
+from sglang_cacheblend.eval.dataset import (
+    DEFAULT_DATA_PATH,
+    QAItem,
+    build_prompt,
+    load_items,
+    tokenize_prompt,
+)
 from sglang_cacheblend.launch import ServerProcess
 from sglang_cacheblend.models import ensure_model
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cacheblend_inputs" / "musique_dev.json"
 
 
-def build(tokenizer, item: dict, passages: int, reverse: bool) -> tuple[list[int], list, list]:
-    def enc(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False).input_ids
-
-    texts = [c["text"] + "\n\n" for c in item["ctxs"][:passages]]
-    ids = enc("<|im_start|>system\nAnswer the question from the passages.<|im_end|>\n"
-              "<|im_start|>user\n")
-    spans = []
-    for text in reversed(texts) if reverse else texts:
-        chunk = enc(text)
-        spans.append([len(ids), len(ids) + len(chunk)])
-        ids += chunk
-    ids += enc(f"Question: {item['question']}<|im_end|>\n<|im_start|>assistant\n")
-    return ids, spans, texts
+def build(tokenizer, item: QAItem, passages: int, reverse: bool) -> tuple[list[int], list, list]:
+    """Token ids, chunk spans and chunk texts of the shared RAG prompt (``eval.dataset``)."""
+    prompt = build_prompt(item, num_passages=passages)
+    texts = list(prompt.passages)
+    if reverse:
+        prompt = prompt.reordered(range(passages - 1, -1, -1))
+    chunked = tokenize_prompt(prompt, lambda t: tokenizer(t, add_special_tokens=False).input_ids)
+    return list(chunked.input_ids), [list(span) for span in chunked.spans], texts
 
 
 def ttft(url: str, ids: list[int], salt: str, hints: dict | None = None) -> float:
@@ -66,7 +66,7 @@ def ttft(url: str, ids: list[int], salt: str, hints: dict | None = None) -> floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA_PATH)
     parser.add_argument("--item", type=int, default=0)
     parser.add_argument("--passages", type=int, default=6)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.15])
@@ -79,7 +79,7 @@ def main() -> None:
 
     model_path = ensure_model()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    item = json.loads(args.data.read_text())[args.item]
+    item = load_items(args.data)[args.item]
     ids, _, texts = build(tokenizer, item, args.passages, reverse=False)
     rev_ids, rev_spans, _ = build(tokenizer, item, args.passages, reverse=True)
     times: dict[str, list[float]] = {"full": [], "prefix_same": [], "prefix_reordered": []}

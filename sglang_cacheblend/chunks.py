@@ -292,9 +292,24 @@ def sink_ids(bos_token_id: int | None, encode_plain: Encode) -> tuple[int, ...]:
     return ids
 
 
+_SINK_VARIANT_PREFIX = "standalone-after:"
+
+
 def sink_variant(sink: Sequence[int]) -> str:
     """Chunk-namespace variant of KV computed standalone after ``sink`` (which is dropped)."""
-    return "standalone-after:" + ",".join(str(token) for token in sink)
+    return _SINK_VARIANT_PREFIX + ",".join(str(token) for token in sink)
+
+
+def variant_sink(variant: str) -> tuple[int, ...]:
+    """The sink token ids a :func:`sink_variant` names (the scheduler has no tokenizer)."""
+    if not variant.startswith(_SINK_VARIANT_PREFIX):
+        raise ValueError(f"not a standalone-chunk variant: {variant!r}")
+    body = variant.removeprefix(_SINK_VARIANT_PREFIX)
+    try:
+        sink = tuple(int(token) for token in body.split(","))
+    except ValueError:
+        raise ValueError(f"malformed standalone-chunk variant: {variant!r}") from None
+    return sink
 
 
 # ------------------------------------------------------------------------------ kv_hints actions

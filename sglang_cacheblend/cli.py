@@ -1,4 +1,4 @@
-"""The ``sglang-cacheblend`` command: prepare-model, serve, demo.
+"""The ``sglang-cacheblend`` command: prepare-model, serve, demo, bench.
 
 ``serve`` passes every argument it does not know straight to SGLang's own launcher, so
 ``sglang-cacheblend serve --port 31000 --enable-cacheblend`` is ``python -m
@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sglang_cacheblend.eval import bench as bench_cmd
 from sglang_cacheblend.models import ModelPreparationError
 
 
@@ -47,6 +48,17 @@ def _cmd_demo(args: argparse.Namespace, sglang_args: list[str]) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace, sglang_args: list[str]) -> int:
+    try:
+        paths = bench_cmd.run(args, sglang_args)
+    except ValueError as exc:
+        print(f"sglang-cacheblend bench: {exc}", file=sys.stderr)
+        return 2
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sglang-cacheblend", description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -65,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo = sub.add_parser("demo", help="start a server, ask one RAG question, print the answer")
     demo.add_argument("--port", type=int, default=30123)
+    bench = sub.add_parser(
+        "bench",
+        help="TTFT and throughput: full prefill, prefix cache, full KV reuse, CacheBlend",
+        description=bench_cmd.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_cmd.add_arguments(bench)
     return parser
 
 
@@ -80,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_prepare_model(args)
         if args.command == "serve":
             return _cmd_serve(args, rest)
+        if args.command == "bench":
+            return _cmd_bench(args, rest)
         return _cmd_demo(args, rest)
     except ModelPreparationError as exc:
         print(f"sglang-cacheblend: {exc}", file=sys.stderr)

@@ -227,3 +227,14 @@ def test_package_import_stays_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_variant_sink_reads_back_the_sink_of_a_variant():
+    from sglang_cacheblend.chunks import sink_variant, variant_sink
+
+    assert variant_sink(sink_variant((1,))) == (1,)
+    assert variant_sink(sink_variant((198, 7))) == (198, 7)
+    with pytest.raises(ValueError, match="not a standalone-chunk variant"):
+        variant_sink("something-else")
+    with pytest.raises(ValueError, match="malformed"):
+        variant_sink("standalone-after:a,b")

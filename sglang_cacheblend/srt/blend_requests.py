@@ -39,18 +39,61 @@ class ChunkHit:
             )
 
 
+@dataclass(frozen=True, eq=False)
+class ChunkMiss:
+    """A prompt span ``[start, end)`` whose chunk was not cached: computed standalone first.
+
+    The model runs ``sink_ids + token_ids`` at positions ``0..`` into ``sink_loc + kv_loc``
+    (fresh slots the cache allocated), then reuses it like a hit and hands it to the index.
+    """
+
+    start: int
+    end: int
+    token_ids: torch.Tensor  # (end - start,) int64, CPU
+    sink_ids: tuple[int, ...]
+    sink_loc: torch.Tensor  # (len(sink_ids),) int64
+    kv_loc: torch.Tensor  # (end - start,) int64
+
+    def __post_init__(self) -> None:
+        n = self.end - self.start
+        if n <= 0 or self.token_ids.shape != (n,) or self.kv_loc.shape != (n,):
+            raise ValueError(f"ChunkMiss [{self.start}, {self.end}) needs token_ids and kv_loc "
+                             f"of shape ({n},)")
+        if not self.sink_ids or self.sink_loc.shape != (len(self.sink_ids),):
+            raise ValueError("ChunkMiss needs one sink slot per sink token (at least one)")
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Positions the standalone chunk KV is computed at (right after the sink)."""
+        offset = len(self.sink_ids)
+        return torch.arange(offset, offset + self.end - self.start)
+
+
 @dataclass(frozen=True)
 class BlendRequest:
-    """The chunk hits of one request (sorted, disjoint) and the config to blend them with."""
+    """One request's blend: chunk hits and misses (sorted, disjoint) and the config.
+
+    ``prompt_len`` is the request's prompt length: the blend runs only in an extend that ends
+    at the prompt's end (a chunked prefill that splits the prompt is prefilled normally).
+    """
 
     hits: tuple[ChunkHit, ...]
     config: BlendConfig
+    misses: tuple[ChunkMiss, ...] = ()
+    prompt_len: int | None = None
 
     @property
     def reused_tokens(self) -> int:
-        return sum(hit.end - hit.start for hit in self.hits)
+        """Tokens whose KV comes from chunk KV (cached, or computed standalone now)."""
+        return sum(c.end - c.start for c in (*self.hits, *self.misses))
 
 
 class BlendRequestSource(Protocol):
     def blend_request(self, rid: str) -> BlendRequest | None:
         """The request's blend decision, or None to prefill it normally."""
+
+    def blend_report(self, rid: str) -> dict[str, object] | None:
+        """The cache's accounting for a chunked request, reported in ``meta_info``."""
+
+    def store_computed_chunk(self, rid: str, miss: ChunkMiss) -> None:
+        """Hand a missed chunk's standalone KV, now computed, to the chunk index."""

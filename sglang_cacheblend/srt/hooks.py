@@ -156,7 +156,7 @@ def _report_cacheblend_state(result: Any, controller: Any, *args: Any, **kwargs:
 def _admit_request_chunks(result: Any, adder: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
     admit = getattr(adder.tree_cache, "admit_chunks", None)
     if admit is not None:
-        admit(req)
+        admit(req, spare_tokens=int(adder.rem_total_tokens))
     return result
 
 

@@ -19,8 +19,15 @@ from sglang_cacheblend.blend.rotary import RotaryConfig
 from sglang_cacheblend.srt.blend_requests import ChunkHit
 
 
-class SGLangLlamaOps:
-    """``DecoderOps`` over an SGLang ``LlamaForCausalLM`` (and subclasses such as Mistral)."""
+class SGLangDecoderOps:
+    """``DecoderOps`` over SGLang's Llama-family models (Llama/SmolLM2, Mistral, Qwen2, Qwen3).
+
+    They share one layout: ``model.model.{embed_tokens,layers,norm}``, each layer with
+    ``input_layernorm``, ``self_attn.{qkv_proj,rotary_emb,o_proj,attn}``, ``post_attention_layernorm``
+    and ``mlp``. Q/K/V come from the attention module's own ``forward_prepare_native`` where it
+    has one (Llama, Qwen3: the latter applies its per-head q/k norms there), else from the fused
+    projection and its rotary embedding, as its ``forward`` does (Qwen2).
+    """
 
     def __init__(self, model: Any) -> None:
         config = model.config
@@ -36,7 +43,15 @@ class SGLangLlamaOps:
     def qkv(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor):
         block = self._layers[layer]
         n = hidden.shape[0]
-        q, k, v = block.self_attn.forward_prepare_native(positions, block.input_layernorm(hidden))
+        attn = block.self_attn
+        x = block.input_layernorm(hidden)
+        prepare = getattr(attn, "forward_prepare_native", None)
+        if prepare is not None:
+            q, k, v = prepare(positions, x)
+        else:
+            qkv, _ = attn.qkv_proj(x)
+            q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+            q, k = attn.rotary_emb(positions, q, k)
         return (q.reshape(n, self.num_q_heads, self.head_dim),
                 k.reshape(n, self.num_kv_heads, self.head_dim),
                 v.reshape(n, self.num_kv_heads, self.head_dim))
@@ -61,7 +76,7 @@ class PoolKVStore:
     """
 
     pool: Any
-    ops: SGLangLlamaOps
+    ops: SGLangDecoderOps
     slots: torch.Tensor
     prefix_len: int
 

@@ -20,26 +20,28 @@ its leak check ``available + evictable + protected (+ uncached) == max_total_num
 with chunk KV held by the index. Under memory pressure ``evict`` frees from whichever store holds
 the least recently used evictable KV: the tree's next victim leaf or the index's LRU entry.
 
-Namespaces: blended KV is never an exact prefix
------------------------------------------------
+Namespaces: blended KV is never an exact prefix of an unblended request
+-----------------------------------------------------------------------
 - Chunk entries are keyed by :class:`~radix_ext.ChunkNamespace` (model, ``cache_salt``,
-  ``extra_key``, RoPE config, how the chunk KV was computed); build one with
+  the caller's ``extra_key``, RoPE config, how the chunk KV was computed); build one with
   :meth:`CacheBlendRadixCache.chunk_namespace`. Chunk KV is exact for the chunk standalone.
-- A blended request's own KV is approximate. When it goes into the prefix tree it must use
-  ``blend_extra_key(req.extra_key)`` as its ``extra_key``, so only blended requests (which ask
-  for approximate KV) ever match it; a request that did not ask for blending keeps its own
-  ``extra_key`` and never sees it. Setting that key on blended requests is the request-wiring
-  issue's job; this module only provides the rule.
+- A request that asks for blending carries the ``extra_key`` of its blend settings
+  (:mod:`sglang_cacheblend.srt.blend_keys`, set by the tokenizer hook). Its approximate KV goes
+  into the prefix tree under that key like any finished request's, so a follow-up turn blended
+  the same way reuses it as a prefix, and no other request ever matches it.
 
 Requests with chunks
 --------------------
 A request's CacheBlend action (``Req.kv_hints``, written by the tokenizer hook, see
 ``request_chunks``) is read in ``match_prefix``, which looks its chunk spans up (touching only
-access times, as it runs several times per request); ``admit_chunks`` (called when the request
-is admitted to prefill) locks the hits until ``on_release`` / ``release_aborted_request`` and
-counts hits and misses once per request. Spans that end inside the exact prefix hit are served
-by the prefix and not looked up. A precompute request matches no prefix, so it owns its whole
-row, and ``checkpoint`` hands its chunk's slots to the index when it finishes.
+access times, as it runs several times per request). ``admit_chunks`` (called when the request
+is admitted to prefill) locks the hits until ``on_release`` / ``release_aborted_request``,
+counts hits and misses once per request and decides the blend (:meth:`_plan_blend`): chunks that
+missed get fresh slots, the model computes them standalone in the same forward and hands them
+to the index (:meth:`store_computed_chunk`), so the next request hits them. Spans that end
+inside the exact prefix hit are served by the prefix and not looked up. A precompute request
+matches no prefix, so it owns its whole row, and ``checkpoint`` hands its chunk's slots to the
+index when it finishes.
 
 Chunk KV is read-only
 ---------------------
@@ -50,7 +52,6 @@ chunk's slots after ``insert_chunk``.
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import json
 import logging
@@ -69,8 +70,9 @@ from sglang.srt.mem_cache.radix_cache import RadixCache
 
 from radix_ext import ChunkIndex, ChunkMatch, ChunkNamespace, ChunkStats, InsertChunkResult
 from radix_ext.base import LockResult, TokenIds
-from sglang_cacheblend.chunks import ChunkAction
-from sglang_cacheblend.srt.blend_requests import BlendRequest, ChunkHit
+from sglang_cacheblend.chunks import ChunkAction, variant_sink
+from sglang_cacheblend.srt.blend_keys import chunk_extra_key, effective_config
+from sglang_cacheblend.srt.blend_requests import BlendRequest, ChunkHit, ChunkMiss
 from sglang_cacheblend.srt.options import ServerOptions
 from sglang_cacheblend.srt.request_chunks import chunk_action_of
 
@@ -81,19 +83,6 @@ if TYPE_CHECKING:
     from sglang.srt.mem_cache.registry import TreeCacheBuildContext
 
 logger = logging.getLogger(__name__)
-
-BLEND_EXTRA_KEY = "cacheblend:v1"
-"""Prefix-tree namespace of blended (approximate) KV."""
-
-
-def blend_extra_key(extra_key: str | None) -> str:
-    """The ``extra_key`` a blended request matches and inserts its prefix under.
-
-    Keeps the request's own ``extra_key`` (LoRA adapter, caller classification) inside it, so
-    blended KV is shared only among blended requests of the same kind.
-    """
-    return BLEND_EXTRA_KEY if not extra_key else f"{BLEND_EXTRA_KEY}|{extra_key}"
-
 
 class CacheBlendRadixCache(RadixCache):
     """SGLang's legacy radix tree that also owns a :class:`~radix_ext.ChunkIndex`.
@@ -119,6 +108,9 @@ class CacheBlendRadixCache(RadixCache):
         self._chunks = ChunkIndex(params.token_to_kv_pool_allocator, clock=time.monotonic)
         self._admitted: dict[Hashable, tuple[ChunkMatch, ...]] = {}
         self._blends: dict[Hashable, BlendRequest] = {}
+        self._reports: dict[Hashable, dict[str, object]] = {}
+        # Slots of missed chunks handed to a request's forward and not yet in the index.
+        self._pending: dict[Hashable, dict[int, tuple[ChunkMiss, Hashable]]] = {}
         self._options = ServerOptions.from_env()
         self._model_id = model_id
         self._rope = rope
@@ -177,40 +169,142 @@ class CacheBlendRadixCache(RadixCache):
 
     # ------------------------------------------------------------------ requests with chunks
 
-    def admit_chunks(self, req: Req) -> None:
-        """Lock the chunk hits of a request just admitted to prefill, until it is released.
+    def admit_chunks(self, req: Req, *, spare_tokens: int | None = None) -> None:
+        """Lock the chunk hits of a request just admitted to prefill and decide its blend.
 
-        Counts each of its looked-up spans once as a hit or a miss. Misses are only recorded:
-        nothing computes them standalone yet.
+        Counts each of its looked-up spans once as a hit or a miss. When the request blends,
+        its missed chunks get fresh slots here; the model fills them (standalone chunk KV) in
+        the request's forward and hands them back through :meth:`store_computed_chunk`.
+        ``spare_tokens`` is what the scheduler's admission budget has left after this request
+        (free plus evictable, less what admitted requests will take); missed chunks are
+        computed standalone only within it. Never raises: an error leaves the request to a
+        normal prefill (the scheduler must keep serving).
         """
         action = chunk_action_of(req)
         if action is None or action.precompute or self.disable:
             return
+        try:
+            self._admit(req, action, spare_tokens)
+        except Exception:
+            logger.exception("request %s: chunk admission failed; prefilling it normally", req.rid)
+            self._forget_request(req.rid)
+
+    def _admit(self, req: Req, action: ChunkAction, spare_tokens: int | None) -> None:
         matches = self._match_request_chunks(req, action, req.prefix_len)
         self._chunks.lock(req.rid, matches)
         self._admitted[req.rid] = tuple(matches)
-        blend = self._plan_blend(action, matches)
-        if blend is not None:
-            self._blends[req.rid] = blend
-            # Blended KV is approximate: it must never become an exact-prefix hit. SGLang's own
-            # opt-out flag keeps it out of the tree; the request frees its row when it finishes.
-            req.skip_radix_cache_insert = True
+        report: dict[str, object] = {
+            "prefix_cached_tokens": int(req.prefix_len),
+            "chunks": len(action.spans),
+            "chunk_hits": sum(m.hit for m in matches),
+            "chunk_misses": sum(not m.hit for m in matches),
+        }
+        self._reports[req.rid] = report
+        blend, reason = self._plan_blend(req, action, matches, spare_tokens)
+        report["blended"] = blend is not None
+        if blend is None:
+            report["reason"] = reason
+            return
+        self._blends[req.rid] = blend
+        report["chunk_reused_tokens"] = blend.reused_tokens
+        report["computed_standalone_tokens"] = sum(m.end - m.start for m in blend.misses)
 
-    def _plan_blend(self, action: ChunkAction, matches: Sequence[ChunkMatch]) -> BlendRequest | None:
-        """Blend when enabled and enough of the prompt comes from cached chunks."""
+    def _plan_blend(
+        self, req: Req, action: ChunkAction, matches: Sequence[ChunkMatch],
+        spare_tokens: int | None,
+    ) -> tuple[BlendRequest | None, str]:
+        """Blend when enabled and enough of the prompt comes from chunks; else say why not.
+
+        Chunk tokens count whether they hit or not: a missed chunk is computed standalone first
+        (and cached for the next request), which is what makes it reusable at all.
+        """
         if not self._options.enabled:
-            return None
-        hits = tuple(
+            return None, "cacheblend is not enabled on this server"
+        config = effective_config(self._options.blend, action)
+        chunk_tokens = sum(m.span_len for m in matches)
+        if not matches:
+            return None, "no chunk outside the cached prefix"
+        if chunk_tokens < config.min_reused_tokens:
+            return None, (f"{chunk_tokens} chunk tokens outside the cached prefix, below "
+                          f"min_reused_tokens={config.min_reused_tokens}")
+        hits = [
             ChunkHit(m.span_start, m.span_start + m.span_len, m.kv_loc, m.positions)
             for m in matches if m.hit
+        ]
+        misses = self._allocate_misses(
+            req, action, [m for m in matches if not m.hit], spare_tokens
         )
-        config = self._options.blend
-        if action.recompute_ratio is not None:
-            config = dataclasses.replace(config, recompute_ratio=action.recompute_ratio, gradual=())
-        blend = BlendRequest(hits, config)
-        if not hits or blend.reused_tokens < config.min_reused_tokens:
-            return None
-        return blend
+        if not hits and not misses:
+            return None, "no free KV slots to compute the missed chunks standalone"
+        blend = BlendRequest(
+            tuple(hits), config, misses=misses, prompt_len=len(req.origin_input_ids)
+        )
+        return blend, ""
+
+    def _allocate_misses(
+        self, req: Req, action: ChunkAction, misses: Sequence[ChunkMatch],
+        spare_tokens: int | None,
+    ) -> tuple[ChunkMiss, ...]:
+        """Slots (sink + chunk) for each missed chunk, as far as the admission budget allows.
+
+        The budget reads the allocator live, so requests admitted after this one see these
+        slots as taken. A chunk that does not fit is recomputed in place as an ordinary
+        uncached span (the blend stays correct, the chunk is just not cached).
+        """
+        if not misses or self.page_size != 1:
+            return ()
+        sink = variant_sink(action.variant)
+        allocator = self.token_to_kv_pool_allocator
+        namespace = self._request_chunk_namespace(req, action)
+        spare = allocator.available_size() if spare_tokens is None else spare_tokens
+        out = []
+        for match in misses:
+            need = len(sink) + match.span_len
+            if need > spare:
+                break
+            if allocator.available_size() < need:
+                self.evict(EvictParams(num_tokens=need - allocator.available_size()))
+            slots = allocator.alloc(need)
+            if slots is None:
+                break
+            spare -= need
+            start, end = match.span_start, match.span_start + match.span_len
+            miss = ChunkMiss(
+                start, end, torch.tensor(req.origin_input_ids[start:end], dtype=torch.int64),
+                sink, slots[: len(sink)], slots[len(sink):],
+            )
+            self._pending.setdefault(req.rid, {})[id(miss)] = (miss, namespace)
+            out.append(miss)
+        return tuple(out)
+
+    def store_computed_chunk(self, rid: Hashable, miss: ChunkMiss) -> None:
+        """Take a missed chunk's standalone KV (computed by the model) into the index.
+
+        The entry is locked for ``rid`` like a hit; the sink slots are freed, and so are the
+        chunk slots if an equal chunk got into the index first.
+        """
+        pending = self._pending.get(rid, {}).pop(id(miss), None)
+        if pending is None:
+            raise KeyError(f"request {rid}: chunk [{miss.start}, {miss.end}) is not pending")
+        _, namespace = pending
+        allocator = self.token_to_kv_pool_allocator
+        allocator.free_segment(miss.sink_loc, start_pos=0)
+        result = self.insert_chunk(
+            namespace, miss.token_ids.tolist(), miss.kv_loc, len(miss.sink_ids), rid=rid
+        )
+        if result.redundant_loc is not None:
+            allocator.free_segment(result.redundant_loc, start_pos=0)
+
+    def _free_pending(self, rid: Hashable) -> None:
+        """Free the slots of missed chunks that never reached the index (aborted requests)."""
+        for miss, _ in self._pending.pop(rid, {}).values():
+            allocator = self.token_to_kv_pool_allocator
+            allocator.free_segment(miss.sink_loc, start_pos=0)
+            allocator.free_segment(miss.kv_loc, start_pos=0)
+
+    def blend_report(self, rid: Hashable) -> dict[str, object] | None:
+        """What the cache decided for a chunked request (``meta_info["cacheblend"]``)."""
+        return self._reports.get(rid)
 
     def blend_request(self, rid: Hashable) -> BlendRequest | None:
         """``BlendRequestSource`` for the model: the blend decided at admission, if any."""
@@ -226,10 +320,15 @@ class CacheBlendRadixCache(RadixCache):
         spans = [(start, end) for start, end in action.spans if end > prefix_len]
         if not spans:
             return []
-        namespace = self.chunk_namespace(
-            cache_salt=req.cache_salt, extra_key=req.extra_key, variant=action.variant
-        )
+        namespace = self._request_chunk_namespace(req, action)
         return self.match_chunks(namespace, req.origin_input_ids, spans)
+
+    def _request_chunk_namespace(self, req: Req, action: ChunkAction) -> ChunkNamespace:
+        """A request's chunk namespace: its caller's ``extra_key``, not its blend key."""
+        return self.chunk_namespace(
+            cache_salt=req.cache_salt, extra_key=chunk_extra_key(req.extra_key),
+            variant=action.variant,
+        )
 
     def _hand_chunk_to_index(self, req: Req, action: ChunkAction, up_to: int) -> None:
         """Move a finished precompute request's chunk slots from its row to the chunk index.
@@ -257,9 +356,7 @@ class CacheBlendRadixCache(RadixCache):
             )
             return
         row = self.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :up_to].to(torch.int64)
-        namespace = self.chunk_namespace(
-            cache_salt=req.cache_salt, extra_key=req.extra_key, variant=action.variant
-        )
+        namespace = self._request_chunk_namespace(req, action)
         result = self.insert_chunk(
             namespace, req.origin_input_ids[start:end], row[start:end].clone(), start
         )
@@ -278,6 +375,8 @@ class CacheBlendRadixCache(RadixCache):
         self._chunks.reset()
         self._admitted.clear()
         self._blends.clear()
+        self._reports.clear()
+        self._pending.clear()  # their slots go back with allocator.clear(), as the tree's
 
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         """SGLang's exact-prefix match, plus a lookup of the request's chunk spans.
@@ -353,15 +452,18 @@ class CacheBlendRadixCache(RadixCache):
 
     def on_release(self, req: Req, *, checkpointed: bool) -> None:
         super().on_release(req, checkpointed=checkpointed)
-        self._chunks.unlock(req.rid)
-        self._admitted.pop(req.rid, None)
-        self._blends.pop(req.rid, None)
+        self._forget_request(req.rid)
 
     def release_aborted_request(self, handle: CacheRequestHandle) -> None:
         super().release_aborted_request(handle)
-        self._chunks.unlock(handle.rid)
-        self._admitted.pop(handle.rid, None)
-        self._blends.pop(handle.rid, None)
+        self._forget_request(handle.rid)
+
+    def _forget_request(self, rid: Hashable) -> None:
+        self._free_pending(rid)
+        self._chunks.unlock(rid)
+        self._admitted.pop(rid, None)
+        self._blends.pop(rid, None)
+        self._reports.pop(rid, None)
 
     def check_integrity(self) -> None:
         """Check the chunk index and the tree's size accounting; raise ``AssertionError``."""

@@ -18,6 +18,7 @@ Scheduler processes: :func:`chunk_action_of` reads the validated action back fro
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,13 @@ from sglang_cacheblend.chunks import (
     tokenize_segments,
     validate_spans,
 )
+from sglang_cacheblend.srt.blend_keys import (
+    BLEND_KEY_PREFIX,
+    blend_extra_key,
+    effective_config,
+    is_blend_extra_key,
+)
+from sglang_cacheblend.srt.options import ServerOptions
 
 if TYPE_CHECKING:
     from sglang.srt.managers.io_struct import GenerateReqInput
@@ -157,7 +165,28 @@ def _prepare_request(manager: Any, obj: GenerateReqInput) -> ChunkAction | None:
         else:
             post_check = action
     obj.kv_hints = _with_action(envelope, action, obj.rid)
+    _use_blend_namespace(obj, action)
     return post_check
+
+
+def _use_blend_namespace(obj: GenerateReqInput, action: ChunkAction) -> None:
+    """Put a request that asks for blending into its blend settings' prefix namespace.
+
+    See :mod:`sglang_cacheblend.srt.blend_keys`: blended KV is shared as a prefix only among
+    requests blended the same way (a follow-up turn reuses the previous turn's KV this way).
+    """
+    server = _server_options()
+    if action.precompute or not server.enabled:
+        return
+    if is_blend_extra_key(obj.extra_key):
+        raise ValueError(f"extra_key must not start with {BLEND_KEY_PREFIX!r} (reserved)")
+    obj.extra_key = blend_extra_key(obj.extra_key, effective_config(server.blend, action))
+
+
+@functools.cache
+def _server_options() -> ServerOptions:
+    """The launch options (the tokenizer manager runs in the launcher, which set the env)."""
+    return ServerOptions.from_env()
 
 
 def _is_one_chunk(segments: tuple[Segment, ...]) -> bool:

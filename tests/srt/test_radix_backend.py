@@ -27,12 +27,9 @@ with warnings.catch_warnings():
     from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
     from sglang.srt.mem_cache.registry import TreeCacheBuildContext
 
-from sglang_cacheblend.srt.radix_backend import (
-    BLEND_EXTRA_KEY,
-    CacheBlendRadixCache,
-    blend_extra_key,
-    create_cacheblend_cache,
-)
+from sglang_cacheblend.config import BlendConfig
+from sglang_cacheblend.srt.blend_keys import blend_extra_key, chunk_extra_key
+from sglang_cacheblend.srt.radix_backend import CacheBlendRadixCache, create_cacheblend_cache
 
 POOL_SIZE = 96
 
@@ -105,7 +102,7 @@ def test_prefix_behaviour_is_that_of_plain_radix_cache(cache):
     rng = random.Random(0)
     for step in range(120):
         token_ids = [rng.randrange(4) for _ in range(rng.randint(1, 10))]
-        extra_key = rng.choice([None, "lora-a", blend_extra_key(None)])
+        extra_key = rng.choice([None, "lora-a", blend_extra_key(None, BlendConfig())])
         if step % 3:
             for tree in (cache, plain):
                 tree_insert(tree, token_ids, extra_key)
@@ -129,13 +126,23 @@ def test_prefix_behaviour_is_that_of_plain_radix_cache(cache):
     check_pool(cache)
 
 
-def test_blended_prefix_never_matches_a_plain_request(cache):
-    assert blend_extra_key(None) == BLEND_EXTRA_KEY
-    assert blend_extra_key("lora-a") == f"{BLEND_EXTRA_KEY}|lora-a"
-    tree_insert(cache, [1, 2, 3, 4], extra_key=blend_extra_key(None))
-    plain = cache.match_prefix(MatchPrefixParams(key=key([1, 2, 3, 4, 5])))
-    blended = cache.match_prefix(MatchPrefixParams(key=key([1, 2, 3, 4, 5], BLEND_EXTRA_KEY)))
-    assert (plain.device_prefix_len, blended.device_prefix_len) == (0, 4)
+def test_blended_prefix_matches_only_requests_blended_the_same_way(cache):
+    at_15, at_0 = BlendConfig(recompute_ratio=0.15), BlendConfig(recompute_ratio=0.0)
+    assert chunk_extra_key(blend_extra_key(None, at_15)) is None
+    assert chunk_extra_key(blend_extra_key("lora-a", at_15)) == "lora-a"
+    # SGLang appends a LoRA id to the key as is: it must stay the caller's part.
+    assert chunk_extra_key(blend_extra_key(None, at_15) + "lora-b") == "lora-b"
+    assert blend_extra_key(None, at_15) != blend_extra_key(None, at_0)
+    same_kv = BlendConfig(recompute_ratio=0.15, min_reused_tokens=1)
+    assert blend_extra_key(None, at_15) == blend_extra_key(None, same_kv)
+    tree_insert(cache, [1, 2, 3, 4], extra_key=blend_extra_key(None, at_15))
+    matched = {
+        name: cache.match_prefix(MatchPrefixParams(key=key([1, 2, 3, 4, 5], extra))).device_prefix_len
+        for name, extra in [("plain", None), ("same", blend_extra_key(None, at_15)),
+                            ("other ratio", blend_extra_key(None, at_0)),
+                            ("other caller", blend_extra_key("lora-a", at_15))]
+    }
+    assert matched == {"plain": 0, "same": 4, "other ratio": 0, "other caller": 0}
 
 
 def test_chunks_are_found_at_any_position_and_counted_in_the_pool(cache):

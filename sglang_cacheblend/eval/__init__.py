@@ -1,0 +1,12 @@
+"""Quality and speed evaluation: metrics, the musique dataset and prompt, results files, plots.
+
+Modules, by job:
+    ``metrics``   answer F1 / exact match (SQuAD normalisation), KL on a coarsened support,
+                  share of the reuse-to-full gap recovered, summary statistics
+    ``dataset``   load a musique_dev-format file and build the RAG prompt of an item
+    ``results``   write and read a results file (JSON + per-row CSV) with its provenance
+    ``plots``     quality vs recompute ratio, gap recovered per mode, TTFT vs prompt length
+    ``bench``     TTFT and throughput against a real server (``sglang-cacheblend bench``)
+
+Importing this package is cheap: submodules are imported where they are used.
+"""

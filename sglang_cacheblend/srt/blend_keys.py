@@ -1,0 +1,66 @@
+"""Which prefix-tree namespace a chunked request uses, and which config it blends with.
+
+Blended KV is approximate, so it must never become an exact-prefix hit of a request that did not
+ask for it; but a follow-up turn of a blended conversation should reuse the previous turn's KV as
+a prefix (multi-turn RAG). Both follow from one rule, applied where SGLang turns a request into
+token ids (the tokenizer hook): a request that asks for blending gets the ``extra_key``
+``blend_extra_key(extra_key, config)``. SGLang then matches and inserts its prefix under that key
+on every path (``match_prefix``, ``cache_finished_req``, chunked prefill) with no further glue,
+so blended requests with the same blend settings share blended prefixes, and nobody else sees
+them. The chunk index keeps using the caller's own ``extra_key`` (chunk KV is exact), recovered
+with :func:`chunk_extra_key`.
+
+The key holds a digest of the blend settings that change the KV (ratio, selector, check layer,
+gradual schedule...), so KV blended at ratio 0 is never served to a request asking for 0.15.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+from sglang_cacheblend.chunks import ChunkAction
+from sglang_cacheblend.config import BlendConfig
+
+BLEND_KEY_PREFIX = "cacheblend:v1:"
+
+# Settings that only decide WHETHER a request blends; its KV is the same either way.
+_NOT_IN_KEY = frozenset({"min_reused_tokens"})
+
+
+def effective_config(server: BlendConfig, action: ChunkAction) -> BlendConfig:
+    """The server's blend settings with the request's own overrides applied."""
+    if action.recompute_ratio is None:
+        return server
+    # A per-request ratio replaces the whole schedule: a gradual schedule ending elsewhere
+    # would contradict it.
+    return dataclasses.replace(server, recompute_ratio=action.recompute_ratio, gradual=())
+
+
+def config_digest(config: BlendConfig) -> str:
+    """A short stable digest of the settings that decide a blended request's KV."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IN_KEY}
+    raw = json.dumps(fields, sort_keys=True, default=str).encode()
+    return hashlib.blake2b(raw, digest_size=6).hexdigest()
+
+
+def blend_extra_key(extra_key: str | None, config: BlendConfig) -> str:
+    """The prefix-tree ``extra_key`` of a request blended with ``config``.
+
+    Keeps the caller's ``extra_key`` (LoRA adapter, caller classification) after a ``|``, so
+    blended prefixes are shared only among requests of the same kind. The ``|`` is always
+    there: SGLang appends a LoRA id to the key as is, and it must land on the caller's side.
+    """
+    return f"{BLEND_KEY_PREFIX}r{config.recompute_ratio:g}:{config_digest(config)}|{extra_key or ''}"
+
+
+def is_blend_extra_key(extra_key: str | None) -> bool:
+    return bool(extra_key) and extra_key.startswith(BLEND_KEY_PREFIX)
+
+
+def chunk_extra_key(extra_key: str | None) -> str | None:
+    """The caller's own ``extra_key`` behind a blend key (``None`` if it had none)."""
+    if not is_blend_extra_key(extra_key):
+        return extra_key
+    return extra_key.partition("|")[2] or None

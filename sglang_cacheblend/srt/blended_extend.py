@@ -1,0 +1,146 @@
+"""The blended extend: CacheBlend inside SGLang's forward pass, for Llama-family models.
+
+:class:`BlendedExtendMixin` goes in front of an SGLang ``*ForCausalLM`` class (see
+``sglang_cacheblend.srt.models``). Decode batches and extend batches with no blended request run
+SGLang's stock forward unchanged; an extend batch holding a blended request runs, per request,
+
+1. each missed chunk standalone (after the sink) into slots the cache allocated, then hands it to
+   the chunk index, so the next request hits it;
+2. every chunk's KV (hit or just computed) copied into the request's own slots, K RoPE-realigned
+   to the chunk's place in this prompt (:meth:`PoolKVStore.seed_chunk`);
+3. :func:`sglang_cacheblend.blend.forward.blend_layers` on SGLang's own modules and KV pool;
+
+then SGLang's logits processor, so sampling and decode are untouched. Each chunked request's
+accounting (the cache's decision plus rows recomputed and time) rides back in
+``LogitsProcessorOutput.customized_info``, which SGLang returns as ``meta_info["cacheblend"]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from sglang.srt.model_executor.forward_context import get_req_to_token_pool, get_token_to_kv_pool
+
+from sglang_cacheblend.blend.forward import blend_layers
+from sglang_cacheblend.blend.rotary import RotaryConfig
+from sglang_cacheblend.config import BlendConfig
+from sglang_cacheblend.srt.blend_requests import BlendRequest, BlendRequestSource, ChunkHit
+from sglang_cacheblend.srt.pool_ops import PoolKVStore, SGLangDecoderOps
+
+logger = logging.getLogger(__name__)
+
+META_INFO_KEY = "cacheblend"
+"""``meta_info`` key of a chunked request's accounting (a one-element list, SGLang's format)."""
+
+# A request without chunk KV in a blended batch: every row at every layer (a full prefill).
+_FULL = BlendConfig(recompute_ratio=1.0)
+
+
+class BlendedExtendMixin:
+    """Adds ``attach_blend_source`` and the blended extend to an SGLang Llama-family model."""
+
+    _blend_source: BlendRequestSource | None = None
+
+    def attach_blend_source(self, source: BlendRequestSource) -> None:
+        """Called by the ``cacheblend`` radix cache once both exist (same scheduler process)."""
+        self._blend_source = source
+        self._blend_ops = SGLangDecoderOps(self)
+        self._blend_rotary = RotaryConfig.from_hf_config(self.config)
+        self.last_blend_stats: dict[str, dict[str, float]] = {}
+
+    @torch.no_grad()
+    def forward(self, input_ids, positions, forward_batch, input_embeds=None,
+                get_embedding=False, pp_proxy_tensors=None):
+        source = self._blend_source
+        if source is None or not forward_batch.forward_mode.is_extend():
+            return super().forward(input_ids, positions, forward_batch, input_embeds,
+                                   get_embedding, pp_proxy_tensors)
+        rids = list(forward_batch.rids)
+        requests = [source.blend_request(rid) for rid in rids]
+        if any(requests) and input_embeds is None and not get_embedding:
+            hidden, stats = self._blended_extend(input_ids, positions, forward_batch, requests)
+            output = self.logits_processor(input_ids, hidden, self.lm_head, forward_batch)
+        else:
+            output = super().forward(input_ids, positions, forward_batch, input_embeds,
+                                     get_embedding, pp_proxy_tensors)
+            stats = {}
+        self._report(output, rids, stats)
+        return output
+
+    def _report(self, output: Any, rids: list[str], stats: dict[str, dict[str, Any]]) -> None:
+        """Attach each chunked request's accounting to the batch output (-> ``meta_info``)."""
+        reports = []
+        for rid in rids:
+            report = self._blend_source.blend_report(rid)
+            reports.append(None if report is None else {**report, **stats.get(rid, {})})
+        if all(r is None for r in reports) or not hasattr(output, "customized_info"):
+            return
+        if output.customized_info is None:
+            output.customized_info = {}
+        output.customized_info[META_INFO_KEY] = reports
+
+    def _blended_extend(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: Any,
+        requests: list[BlendRequest | None],
+    ) -> tuple[torch.Tensor, dict[str, dict[str, Any]]]:
+        """Prefill each request of the batch in turn; final-normed hidden states and stats."""
+        ops = self._blend_ops
+        pool = get_token_to_kv_pool()
+        req_to_token = get_req_to_token_pool().req_to_token
+        hidden = ops.embed(input_ids)
+        stats: dict[str, dict[str, Any]] = {}
+        offset = 0
+        for i, request in enumerate(requests):
+            prefix_len = forward_batch.extend_prefix_lens_cpu[i]
+            extend_len = forward_batch.extend_seq_lens_cpu[i]
+            if request is not None and request.prompt_len not in (None, prefix_len + extend_len):
+                request = None  # a chunked prefill split the prompt: prefill it normally
+            row = int(forward_batch.req_pool_indices_cpu[i])
+            slots = req_to_token[row, : prefix_len + extend_len].to(torch.int64)
+            store = PoolKVStore(pool, ops, slots, prefix_len)
+            started = time.perf_counter()
+            hits = [] if request is None else [*request.hits, *self._compute_misses(request)]
+            standalone_s = time.perf_counter() - started
+            reuse_mask = torch.zeros(extend_len, dtype=torch.bool)
+            for hit in hits:
+                covered = store.seed_chunk(hit, self._blend_rotary)
+                if covered is not None:
+                    reuse_mask[covered[0]: covered[1]] = True
+            for miss in () if request is None else request.misses:
+                # Copied into this request's slots: the index may now own (or free) them.
+                self._blend_source.store_computed_chunk(forward_batch.rids[i], miss)
+            reuse_mask[-1] = False  # the last row's logits feed sampling: always computed
+            config = request.config if request is not None and bool(reuse_mask.any()) else _FULL
+            span = slice(offset, offset + extend_len)
+            plan = blend_layers(ops, hidden[span], positions[span], reuse_mask, store, config)
+            stats[forward_batch.rids[i]] = {
+                "reused_tokens": int(reuse_mask.sum()),
+                "recomputed_rows": plan.recomputed_rows,
+                "full_rows": plan.full_rows,
+                "standalone_time_s": round(standalone_s, 6),
+                "blend_time_s": round(time.perf_counter() - started - standalone_s, 6),
+            }
+            offset += extend_len
+        self.last_blend_stats = stats
+        return self.model.norm(hidden), stats
+
+    def _compute_misses(self, request: BlendRequest) -> list[ChunkHit]:
+        """Compute each missed chunk standalone (sink first) into its fresh slots.
+
+        Returns them as hits. They reach the index only after the request has copied them
+        (the index frees the slots at once if an equal chunk got there first).
+        """
+        ops, pool = self._blend_ops, get_token_to_kv_pool()
+        hits = []
+        for miss in request.misses:
+            ids = torch.cat([torch.tensor(miss.sink_ids, dtype=torch.int64), miss.token_ids])
+            slots = torch.cat([miss.sink_loc, miss.kv_loc]).to(torch.int64)
+            device = slots.device
+            store = PoolKVStore(pool, ops, slots, 0)
+            blend_layers(ops, ops.embed(ids.to(device)), torch.arange(ids.numel(), device=device),
+                         torch.zeros(ids.numel(), dtype=torch.bool), store, _FULL)
+            hits.append(ChunkHit(miss.start, miss.end, miss.kv_loc, miss.positions))
+        return hits

@@ -1,0 +1,160 @@
+"""The benchmark's pure parts: chunk sizing, schedules, orders, ratios and summaries. No server."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import pytest
+
+from sglang_cacheblend.eval.bench import (
+    Reply,
+    add_arguments,
+    check_arguments,
+    closed_loop,
+    load_summary,
+    markdown_report,
+    mode_names,
+    open_loop,
+    poisson_schedule,
+    ratios_against,
+    reorderings,
+    sized_passages,
+    ttft_summary,
+    unblended_warnings,
+)
+from sglang_cacheblend.eval.dataset import QAItem
+
+
+def encode(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+def decode(ids) -> str:
+    return "".join(map(chr, ids))
+
+
+ITEMS = [QAItem(0, "q0", ("a",), ("x" * 10, "y" * 10)), QAItem(1, "q1", ("a",), ("z" * 30,))]
+
+
+def test_sized_passages_truncates_joins_and_wraps():
+    assert sized_passages(ITEMS, 0, 2, 4, encode, decode) == ["xxxx", "yyyy"]
+    # 15 tokens: a 10-token passage joined by a space with the next one.
+    assert sized_passages(ITEMS, 0, 1, 15, encode, decode) == ["x" * 10 + " yyyy"]
+    # Starting at item 1, the stream wraps to item 0.
+    assert sized_passages(ITEMS, 1, 2, 10, encode, decode) == ["z" * 10, "x" * 10]
+    with pytest.raises(ValueError, match="too few passages"):
+        sized_passages(ITEMS, 0, 3, 30, encode, decode)
+
+
+def test_poisson_schedule_is_seeded_and_bounded():
+    a = poisson_schedule(2.0, max_requests=50, max_seconds=1000.0, seed=3)
+    assert a == poisson_schedule(2.0, max_requests=50, max_seconds=1000.0, seed=3)
+    assert a != poisson_schedule(2.0, max_requests=50, max_seconds=1000.0, seed=4)
+    assert len(a) == 50 and a[0] == 0.0 and a == sorted(a)
+    mean_gap = (a[-1] - a[0]) / 49
+    assert 0.25 < mean_gap < 1.0  # 1 / rate = 0.5 s
+    short = poisson_schedule(2.0, max_requests=10_000, max_seconds=5.0, seed=0)
+    assert len(short) < 10_000 and all(t < 5.0 for t in short)
+    with pytest.raises(ValueError):
+        poisson_schedule(0.0, max_requests=1, max_seconds=1.0, seed=0)
+
+
+def test_reorderings_are_seeded_permutations_never_the_original():
+    orders = reorderings(3, 20, seed=1)
+    assert orders == reorderings(3, 20, seed=1)
+    assert all(sorted(o) == [0, 1, 2] and o != [0, 1, 2] for o in orders)
+    with pytest.raises(ValueError):
+        reorderings(1, 1, seed=0)
+
+
+def test_ratios_against_baselines():
+    ttft = ratios_against({"full": 8.0, "prefix": 4.0, "blend": 2.0}, ("full", "prefix", "gone"),
+                          higher_is_better=False)
+    assert ttft["blend"] == {"vs_full": 4.0, "vs_prefix": 2.0, "vs_gone": None}
+    assert ttft["full"]["vs_full"] == 1.0
+    rps = ratios_against({"full": 0.1, "blend": 0.4}, ("full",), higher_is_better=True)
+    assert rps["blend"]["vs_full"] == pytest.approx(4.0)
+
+
+def _ttft_rows():
+    rows = []
+    for mode, times in {"full": [8, 10, 9], "prefix": [4, 5, 6], "prefix_reordered": [9, 9, 9],
+                        "blend@0.15": [2, 3, 2]}.items():
+        for rep, t in enumerate(times):
+            rows.append({"phase": "ttft", "chunks": 6, "chunk_size": 512, "prompt_tokens": 3200,
+                         "mode": mode, "rep": rep, "ttft_s": float(t),
+                         "reused_tokens": 3000 + rep if mode.startswith("blend") else None})
+    return rows
+
+
+def test_ttft_summary_medians_and_ratios():
+    summary = {r["mode"]: r for r in ttft_summary(_ttft_rows())}
+    blend = summary["blend@0.15"]
+    assert (blend["min_s"], blend["median_s"], blend["max_s"], blend["n"]) == (2, 2, 3, 3)
+    assert blend["vs_full"] == pytest.approx(9 / 2)
+    assert blend["vs_prefix"] == pytest.approx(5 / 2)
+    assert blend["vs_prefix_reordered"] == pytest.approx(9 / 2)
+    assert blend["min_reused_tokens"] == 3000
+    assert summary["full"]["min_reused_tokens"] is None
+
+
+def test_load_summary_throughput_and_ratios():
+    rows = []
+    for mode, ends in {"full": [10.0, 20.0], "blend@0.15": [2.0, 5.0]}.items():
+        for i, end in enumerate(ends):
+            rows.append({"loop": "concurrency=2", "mode": mode, "request": i, "start_s": 0.0,
+                         "latency_s": end, "end_s": end})
+    summary = {r["mode"]: r for r in load_summary(rows)}
+    assert summary["full"]["requests_per_s"] == pytest.approx(0.1)
+    assert summary["blend@0.15"]["requests_per_s"] == pytest.approx(0.4)
+    assert summary["blend@0.15"]["vs_full"] == pytest.approx(4.0)
+    assert summary["blend@0.15"]["vs_prefix"] is None
+
+
+def test_closed_and_open_loops_respect_both_bounds():
+    def send(i: int) -> Reply:
+        time.sleep(0.01)
+        return Reply(0.01, str(i), None)
+
+    done = closed_loop(send, concurrency=3, max_requests=7, max_seconds=60.0)
+    assert sorted(i for i, _, _ in done) == list(range(7))
+    slow = closed_loop(lambda i: (time.sleep(0.2), Reply(0.2, "", None))[1], concurrency=1,
+                       max_requests=1000, max_seconds=0.3)
+    assert 1 <= len(slow) <= 3
+    opened = open_loop(send, [0.0, 0.02, 0.05])
+    assert [i for i, _, _ in opened] == [0, 1, 2]
+    assert opened[2][1] >= 0.05
+
+
+def test_arguments_defaults_and_checks():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([])
+    check_arguments(args)
+    assert mode_names(args.ratios) == ["full", "prefix", "prefix_reordered", "reuse", "blend@0.15"]
+    for bad in (["--chunks", "1"], ["--ratios", "0"], ["--reps", "0"], ["--rates", "-1"]):
+        with pytest.raises(ValueError):
+            check_arguments(parser.parse_args(bad))
+
+
+def test_markdown_report_lists_every_mode():
+    info = {"date": "2026-01-01T00:00:00+00:00", "git": {"commit": "a" * 40, "dirty": True},
+            "machine": {"cpu_model": "cpu", "cpu_cores": 2, "ram_bytes": 2**34, "torch": "2",
+                        "sglang": "0.5.23", "load_avg": [1.0, 1.0, 1.0]}}
+    summary = {"ttft": ttft_summary(_ttft_rows()), "load": [], "skipped": [
+        {"chunks": 12, "chunk_size": 1024, "prompt_tokens": 12400, "context_len": 8192}]}
+    text = markdown_report({"wall_s": 10.0, "command_line": "sglang-cacheblend bench"}, info,
+                           summary, "bench_ttft.png")
+    assert "aaaaaaaaaaaa (dirty)" in text and "16 GiB RAM" in text
+    row = "| 6 x 512 | 3200 | blend@0.15 | 3 | 2.00 | 2.00 | 3.00 | 4.50x | 2.50x | 4.50x | 3000 |"
+    assert row in text
+    assert "Skipped 12 x 1024" in text and "![TTFT vs prompt length](bench_ttft.png)" in text
+    assert "WARNING" not in text
+
+
+def test_unblended_modes_are_flagged():
+    rows = [r for r in _ttft_rows() if r["mode"] != "blend@0.15" or r["rep"] == 0]
+    rows[-1]["reused_tokens"] = 0
+    warnings = unblended_warnings(ttft_summary(rows))
+    assert len(warnings) == 1 and "blend@0.15 at 6 x 512 was not blended" in warnings[0]
