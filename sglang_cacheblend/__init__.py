@@ -12,12 +12,14 @@ Packages, by job:
 
 Client API: ``chunk(text)`` marks a reusable chunk (``s += cb.chunk(passage)`` in an
 ``sgl.function``, or inside ``/generate`` text and chat messages); ``precompute_chunks(base_url,
-texts)`` stores chunks in a server's chunk index ahead of time.
+texts)`` stores chunks in a server's chunk index ahead of time; ``chunk_hints(spans, ...)`` marks
+chunk spans of ``input_ids`` for ``/generate`` (``kv_hints``), with optional per-request blend
+settings.
 
 Importing this package is cheap: it imports neither torch nor sglang.
 """
 
-from sglang_cacheblend.chunks import chunk, precompute_chunks
+from sglang_cacheblend.chunks import chunk, chunk_hints, precompute_chunks
 
-__all__ = ["chunk", "precompute_chunks"]
+__all__ = ["chunk", "chunk_hints", "precompute_chunks"]
 __version__ = "0.1.0"

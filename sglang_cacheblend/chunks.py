@@ -55,9 +55,24 @@ def chunk(text: str) -> str:
     return f"{CHUNK_OPEN}{text}{CHUNK_CLOSE}"
 
 
-def chunk_hints(spans: Iterable[Span], *, message_id: str = "cacheblend") -> dict[str, Any]:
-    """A ``kv_hints`` envelope marking ``[start, end)`` spans of ``input_ids`` as chunks."""
-    return _envelope(ACTION_CHUNKS, {"spans": [[int(s), int(e)] for s, e in spans]}, message_id)
+def chunk_hints(
+    spans: Iterable[Span],
+    *,
+    recompute_ratio: float | None = None,
+    selector: str | None = None,
+    gradual: Sequence[tuple[int, float]] | None = None,
+    message_id: str = "cacheblend",
+) -> dict[str, Any]:
+    """A ``kv_hints`` envelope marking ``[start, end)`` spans of ``input_ids`` as chunks.
+
+    ``recompute_ratio``, ``selector`` and ``gradual`` (``[(layer, ratio), ...]``) override the
+    server's blend settings for this request only.
+    """
+    payload: dict[str, Any] = {"spans": [[int(s), int(e)] for s, e in spans]}
+    overrides = {"recompute_ratio": recompute_ratio, "selector": selector,
+                 "gradual": None if gradual is None else [[int(l), float(r)] for l, r in gradual]}
+    payload.update({k: v for k, v in overrides.items() if v is not None})
+    return _envelope(ACTION_CHUNKS, payload, message_id)
 
 
 def precompute_hints(*, message_id: str = "cacheblend") -> dict[str, Any]:
@@ -327,7 +342,10 @@ class ChunkAction:
     precompute: bool
     spans: tuple[Span, ...]
     variant: str = ""
-    recompute_ratio: float | None = None  # per-request override of the server's ratio
+    # Per-request overrides of the server's blend settings (None: the server's).
+    recompute_ratio: float | None = None
+    selector: str | None = None
+    gradual: tuple[tuple[int, float], ...] | None = None
 
     def __post_init__(self) -> None:
         validate_spans(self.spans, max((end for _, end in self.spans), default=0))
@@ -338,6 +356,14 @@ class ChunkAction:
             isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1
         ):
             raise ValueError(f"recompute_ratio must be a number in [0, 1], got {ratio!r}")
+        if self.selector is not None:
+            from sglang_cacheblend.blend.registry import selector_names
+
+            if self.selector not in selector_names():
+                raise ValueError(f"selector must be one of {sorted(selector_names())}, "
+                                 f"got {self.selector!r}")
+        if self.gradual is not None:
+            object.__setattr__(self, "gradual", _gradual_steps(self.gradual))
 
     @property
     def action_type(self) -> str:
@@ -349,7 +375,25 @@ class ChunkAction:
         }
         if self.recompute_ratio is not None:
             payload["recompute_ratio"] = self.recompute_ratio
+        if self.selector is not None:
+            payload["selector"] = self.selector
+        if self.gradual is not None:
+            payload["gradual"] = [list(step) for step in self.gradual]
         return payload
+
+
+def _gradual_steps(steps: Any) -> tuple[tuple[int, float], ...]:
+    """``[[layer, ratio], ...]`` as int/float pairs; ordering rules are ``BlendConfig``'s."""
+    if not isinstance(steps, (list, tuple)):
+        raise ValueError(f"gradual must be a list of [layer, ratio] pairs, got {steps!r}")
+    out = []
+    for step in steps:
+        if (not isinstance(step, (list, tuple)) or len(step) != 2
+                or isinstance(step[0], bool) or not isinstance(step[0], int)
+                or isinstance(step[1], bool) or not isinstance(step[1], (int, float))):
+            raise ValueError(f"gradual steps must be [layer, ratio] pairs, got {step!r}")
+        out.append((int(step[0]), float(step[1])))
+    return tuple(out)
 
 
 def read_chunk_action(
@@ -386,7 +430,8 @@ def read_chunk_action(
     if precompute and len(spans) != 1:
         raise ValueError(f"a precompute request holds one chunk, got {len(spans)}")
     return ChunkAction(precompute, tuple((s, e) for s, e in spans), variant,
-                       payload.get("recompute_ratio"))
+                       payload.get("recompute_ratio"), payload.get("selector"),
+                       payload.get("gradual"))
 
 
 def _max_end(spans: Any) -> int:

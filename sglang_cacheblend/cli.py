@@ -1,4 +1,4 @@
-"""The ``sglang-cacheblend`` command: prepare-model, serve, demo, bench.
+"""The ``sglang-cacheblend`` command: prepare-model, serve, demo, eval, bench.
 
 ``serve`` passes every argument it does not know straight to SGLang's own launcher, so
 ``sglang-cacheblend serve --port 31000 --enable-cacheblend`` is ``python -m
@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from sglang_cacheblend.eval import bench as bench_cmd
+from sglang_cacheblend.eval import quality as quality_cmd
 from sglang_cacheblend.models import ModelPreparationError
 
 
@@ -59,6 +60,15 @@ def _cmd_bench(args: argparse.Namespace, sglang_args: list[str]) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace, sglang_args: list[str]) -> int:
+    command = "sglang-cacheblend " + " ".join(sys.argv[1:])
+    try:
+        return quality_cmd.run(args, sglang_args, command)
+    except ValueError as exc:
+        print(f"sglang-cacheblend eval: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sglang-cacheblend", description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -77,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo = sub.add_parser("demo", help="start a server, ask one RAG question, print the answer")
     demo.add_argument("--port", type=int, default=30123)
+    quality = sub.add_parser(
+        "eval",
+        help="quality and fidelity to full prefill per mode (MuSiQue F1, KL, answer agreement)",
+        description=quality_cmd.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    quality_cmd.add_arguments(quality)
     bench = sub.add_parser(
         "bench",
         help="TTFT and throughput: full prefill, prefix cache, full KV reuse, CacheBlend",
@@ -101,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_serve(args, rest)
         if args.command == "bench":
             return _cmd_bench(args, rest)
+        if args.command == "eval":
+            return _cmd_eval(args, rest)
         return _cmd_demo(args, rest)
     except ModelPreparationError as exc:
         print(f"sglang-cacheblend: {exc}", file=sys.stderr)

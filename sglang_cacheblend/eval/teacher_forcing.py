@@ -37,14 +37,17 @@ from sglang_cacheblend.chunks import ChunkedPrompt, chunk_hints
 
 @dataclass(frozen=True)
 class Mode:
-    """How a prompt is served: full prefill (no chunks) or blended at a ratio.
+    """How a prompt is served: full prefill (no chunks) or blended.
 
-    ``recompute_ratio`` None means the server's configured ratio; 0.0 is plain chunk reuse.
+    ``recompute_ratio``, ``selector`` and ``gradual`` override the server's blend settings for
+    the request (None: the server's); ratio 0.0 is plain chunk reuse.
     """
 
     name: str
     blend: bool
     recompute_ratio: float | None = None
+    selector: str | None = None
+    gradual: tuple[tuple[int, float], ...] | None = None
 
 
 FULL = Mode("full", blend=False)
@@ -94,7 +97,7 @@ class TeacherForcer:
                   top_k: int = 20) -> Reference:
         """Full prefill's greedy continuation, and the union of its top-``k`` ids per step."""
         out = self._generate(
-            prompt.input_ids, None, None, max_new_tokens=max_new_tokens,
+            prompt.input_ids, FULL, (), max_new_tokens=max_new_tokens,
             return_logprob=True, top_logprobs_num=top_k,
         )
         answer = tuple(out["output_ids"])
@@ -108,16 +111,14 @@ class TeacherForcer:
 
     def score(self, prompt: ChunkedPrompt, reference: Reference, mode: Mode) -> Scored:
         """Serve ``prompt`` as ``mode`` would, then teacher-force the reference on its KV."""
-        spans = prompt.spans if mode.blend else None
         first = None
         if mode.blend:  # full prefill's own answer and KV are the reference's
             first = self._generate(
-                prompt.input_ids, spans, mode.recompute_ratio,
-                max_new_tokens=len(reference.answer_ids),
+                prompt.input_ids, mode, prompt.spans, max_new_tokens=len(reference.answer_ids),
             )
         n = len(prompt.input_ids)
         forced = self._generate(
-            [*prompt.input_ids, *reference.answer_ids], spans, mode.recompute_ratio,
+            [*prompt.input_ids, *reference.answer_ids], mode, prompt.spans,
             max_new_tokens=0, return_logprob=True, logprob_start_len=n - 1,
             token_ids_logprob=list(reference.support),
         )
@@ -137,19 +138,17 @@ class TeacherForcer:
         return Scored(mode, tuple(first["output_ids"]), tuple(token_lps), tuple(support_lps),
                       report)
 
-    def _generate(self, input_ids: Sequence[int], spans: Sequence[tuple[int, int]] | None,
-                  ratio: float | None, *, max_new_tokens: int, **extra: Any) -> dict[str, Any]:
+    def _generate(self, input_ids: Sequence[int], mode: Mode, spans: Sequence[tuple[int, int]],
+                  *, max_new_tokens: int, **extra: Any) -> dict[str, Any]:
         body: dict[str, Any] = {
             "input_ids": list(input_ids),
             "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens},
             "cache_salt": self.cache_salt,
             **extra,
         }
-        if spans is not None:
-            hints = chunk_hints(spans)
-            if ratio is not None:
-                hints["actions"][0]["payload"]["recompute_ratio"] = ratio
-            body["kv_hints"] = hints
+        if mode.blend:
+            body["kv_hints"] = chunk_hints(spans, recompute_ratio=mode.recompute_ratio,
+                                           selector=mode.selector, gradual=mode.gradual)
         response = requests.post(f"{self.base_url}/generate", json=body, timeout=self.timeout_s)
         if response.status_code != 200:
             raise RuntimeError(f"/generate answered {response.status_code}: {response.text}")

@@ -30,12 +30,27 @@ _NOT_IN_KEY = frozenset({"min_reused_tokens"})
 
 
 def effective_config(server: BlendConfig, action: ChunkAction) -> BlendConfig:
-    """The server's blend settings with the request's own overrides applied."""
-    if action.recompute_ratio is None:
-        return server
-    # A per-request ratio replaces the whole schedule: a gradual schedule ending elsewhere
-    # would contradict it.
-    return dataclasses.replace(server, recompute_ratio=action.recompute_ratio, gradual=())
+    """The server's blend settings with the request's own overrides applied.
+
+    A per-request ratio without a per-request schedule replaces the server's gradual schedule
+    (one ending elsewhere would contradict it); a per-request schedule sets the check layer (its
+    first layer) and, unless given too, the ratio (its last). Raises ``ValueError`` naming the
+    field for a combination ``BlendConfig`` rejects.
+    """
+    changes: dict[str, object] = {}
+    if action.selector is not None:
+        changes["selector"] = action.selector
+    if action.gradual is not None:
+        steps = action.gradual
+        changes["gradual"] = steps
+        if steps:
+            changes["check_layer"] = steps[0][0]
+            changes["recompute_ratio"] = steps[-1][1]
+    elif action.recompute_ratio is not None:
+        changes["gradual"] = ()
+    if action.recompute_ratio is not None:
+        changes["recompute_ratio"] = action.recompute_ratio
+    return dataclasses.replace(server, **changes) if changes else server
 
 
 def config_digest(config: BlendConfig) -> str:

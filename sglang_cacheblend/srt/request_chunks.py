@@ -18,6 +18,7 @@ Scheduler processes: :func:`chunk_action_of` reads the validated action back fro
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -159,7 +160,7 @@ def _prepare_request(manager: Any, obj: GenerateReqInput) -> ChunkAction | None:
         action = ChunkAction(True, prompt.spans, variant)
         _set_prompt(obj, prompt, obj.text)
     else:
-        action = ChunkAction(False, client.spans, variant, client.recompute_ratio)
+        action = dataclasses.replace(client, variant=variant)
         if obj.input_ids is not None:
             validate_spans(client.spans, len(obj.input_ids), max_chunk_len=limit)
         else:

@@ -1,0 +1,222 @@
+"""``sglang-cacheblend eval``: answer quality and fidelity to full prefill, per mode, in one run.
+
+For every item of a musique_dev-format file, one server serves the same RAG prompt (instruction,
+the first ``--passages`` passages as chunks, the question) under each mode:
+
+- ``full``: blending off (a plain request; SGLang's prefix cache serves the same exact KV, so
+  its quality is full prefill's by construction and is not scored separately);
+- ``reuse``: every chunk's standalone KV reused, nothing recomputed after the check layer
+  (ratio 0);
+- ``blend@R``: CacheBlend at each ratio of ``--ratios`` with the server's selector;
+- at ``--main-ratio``: each selector of ``--selectors`` and a gradual schedule
+  (``2R`` at the check layer narrowed to ``R`` by ``--gradual-end-layer``).
+
+Per item and mode: mean KL to full prefill over full prefill's greedy continuation
+(teacher-forced on the KV the prompt alone produced; distributions on full prefill's top-k ids
+plus "rest", see :mod:`.teacher_forcing`), the continuation's mean log-probability, whether the
+mode's own greedy answer equals full prefill's, answer token-F1 against full prefill's answer
+and against the dataset's answers, and the blend's accounting from ``meta_info["cacheblend"]``.
+Headline: the share of the reuse-to-full KL gap a mode recovers, ``(KL_reuse - KL_mode) /
+KL_reuse``. Results go to ``<out>/quality.{json,csv,md}`` with plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from sglang_cacheblend.config import BlendConfig
+from sglang_cacheblend.eval.dataset import DEFAULT_DATA_PATH, build_prompt, load_items, tokenize_prompt
+from sglang_cacheblend.eval.metrics import (
+    best_f1,
+    gap_recovered,
+    mean_coarse_kl,
+    mean_over_positions,
+    summarize,
+    token_f1,
+)
+from sglang_cacheblend.eval.plots import plot_gap_recovered, plot_quality_vs_ratio
+from sglang_cacheblend.eval.results import write_results
+from sglang_cacheblend.eval.teacher_forcing import FULL, REUSE, Mode, TeacherForcer
+
+DEFAULT_OUT = Path("docs/results/quality")
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    data: Path = DEFAULT_DATA_PATH
+    start: int = 0
+    items: int = 20
+    passages: int = 6
+    max_new_tokens: int = 16
+    top_k: int = 20
+    ratios: tuple[float, ...] = (0.05, 0.15, 0.3, 0.5)
+    main_ratio: float = 0.15
+    selectors: tuple[str, ...] = ("v_deviation", "k_deviation")
+    gradual_end_layer: int = 8
+
+
+def modes_for(config: QualityConfig) -> list[Mode]:
+    """Full, reuse, the ratio sweep, and the selector / gradual variants at the main ratio."""
+    r = config.main_ratio
+    modes = [FULL, REUSE]
+    modes += [Mode(f"blend@{ratio:g}", True, ratio) for ratio in config.ratios]
+    modes += [Mode(f"{name}@{r:g}", True, r, selector=name) for name in config.selectors]
+    start = min(1.0, 2 * r)
+    schedule = BlendConfig.linear(start, r, 1, config.gradual_end_layer).gradual
+    modes.append(Mode(f"gradual {start:g}->{r:g}", True, r, gradual=schedule))
+    return modes
+
+
+def evaluate(base_url: str, config: QualityConfig, decode: Callable[[Sequence[int]], str],
+             encode: Callable[[str], Sequence[int]]) -> list[dict[str, Any]]:
+    """Score every item under every mode; one row per (item, mode)."""
+    items = load_items(config.data)[config.start: config.start + config.items]
+    scorer = TeacherForcer(base_url)
+    modes = modes_for(config)
+    rows: list[dict[str, Any]] = []
+    for item in tqdm(items, desc="items", unit="item"):
+        prompt = tokenize_prompt(build_prompt(item, num_passages=config.passages), encode)
+        reference = scorer.reference(prompt, max_new_tokens=config.max_new_tokens,
+                                     top_k=config.top_k)
+        full_answer = decode(reference.answer_ids)
+        full = None
+        for mode in modes:
+            scored = scorer.score(prompt, reference, mode)
+            full = scored if mode is FULL else full
+            answer = decode(scored.answer_ids)
+            report = scored.report or {}
+            rows.append({
+                "item": item.index,
+                "mode": mode.name,
+                "prompt_tokens": len(prompt.input_ids),
+                "kl": mean_coarse_kl(full.support_logprobs, scored.support_logprobs),
+                "logprob": mean_over_positions(scored.token_logprobs),
+                "answer_matches_full": scored.answer_ids == reference.answer_ids,
+                "f1_vs_full": token_f1(answer, full_answer),
+                "dataset_f1": best_f1(answer, item.answers),
+                "recomputed_fraction": _fraction(report),
+                "reused_tokens": report.get("reused_tokens", 0),
+                "blend_time_s": report.get("blend_time_s", math.nan),
+                "answer": answer,
+            })
+    return rows
+
+
+def _fraction(report: dict[str, Any]) -> float:
+    """Rows computed summed over layers / rows of a full prefill (1.0 when not blended)."""
+    if not report.get("full_rows"):
+        return 1.0
+    return report["recomputed_rows"] / report["full_rows"]
+
+
+def summarize_modes(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean of every metric per mode, plus the share of the reuse-to-full KL gap recovered."""
+    summary: dict[str, dict[str, float]] = {}
+    for mode in dict.fromkeys(row["mode"] for row in rows):
+        mine = [row for row in rows if row["mode"] == mode]
+        summary[mode] = {
+            key: summarize(float(row[key]) for row in mine).mean
+            for key in ("kl", "logprob", "answer_matches_full", "f1_vs_full", "dataset_f1",
+                        "recomputed_fraction")
+        }
+        summary[mode]["items"] = len(mine)
+    kl_reuse = summary.get(REUSE.name, {}).get("kl", 0.0)
+    for values in summary.values():
+        values["gap_recovered"] = gap_recovered(kl_reuse, values["kl"]) if kl_reuse > 0 else math.nan
+    return summary
+
+
+def write_report(out: Path, config: QualityConfig, rows: list[dict[str, Any]],
+                 summary: dict[str, dict[str, float]], command: str) -> None:
+    """JSON + CSV (:mod:`.results`), a Markdown table and the two plots."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = write_results(out, "quality", config=_jsonable(config), rows=rows, summary=summary)
+    sweep = [(0.0, summary[REUSE.name]["kl"])] + [
+        (float(name.split("@")[1]), values["kl"]) for name, values in summary.items()
+        if name.startswith("blend@")
+    ]
+    plot_quality_vs_ratio({"CacheBlend (server selector)": sorted(sweep)},
+                          out / "quality_kl_vs_ratio.png", full_prefill=0.0,
+                          full_reuse=summary[REUSE.name]["kl"],
+                          ylabel="mean KL to full prefill (16 teacher-forced positions)",
+                          title="Fidelity vs recompute ratio")
+    plot_gap_recovered({name: v["gap_recovered"] for name, v in summary.items()
+                        if name not in (FULL.name, REUSE.name)}, out / "quality_gap.png")
+    lines = [
+        "# Quality and fidelity per mode",
+        "",
+        f"Command: `{command}`  ",
+        f"Data: `{config.data}` items {config.start}-{config.start + config.items - 1}, "
+        f"{config.passages} passages per prompt; machine and commit in `{paths.json.name}`.",
+        "",
+        "| mode | mean KL to full | gap recovered | mean logprob | answer = full | F1 vs full |"
+        " dataset F1 | recomputed rows |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, v in summary.items():
+        lines.append(
+            f"| {name} | {v['kl']:.4f} | {v['gap_recovered']:.0%} | {v['logprob']:.3f} | "
+            f"{v['answer_matches_full']:.0%} | {v['f1_vs_full']:.3f} | {v['dataset_f1']:.3f} | "
+            f"{v['recomputed_fraction']:.1%} |"
+        )
+    lines += ["", "![KL vs ratio](quality_kl_vs_ratio.png)", "", "![gap](quality_gap.png)", ""]
+    (out / "quality.md").write_text("\n".join(lines))
+
+
+def _jsonable(config: QualityConfig) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(config).items()}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = QualityConfig()
+    parser.add_argument("--data", type=Path, default=defaults.data)
+    parser.add_argument("--start", type=int, default=defaults.start, help="first item index")
+    parser.add_argument("--items", type=int, default=defaults.items)
+    parser.add_argument("--passages", type=int, default=defaults.passages)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--top-k", type=int, default=defaults.top_k,
+                        help="full prefill's top ids per position that distributions are compared on")
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(defaults.ratios))
+    parser.add_argument("--main-ratio", type=float, default=defaults.main_ratio)
+    parser.add_argument("--selectors", nargs="+", default=list(defaults.selectors))
+    parser.add_argument("--gradual-end-layer", type=int, default=defaults.gradual_end_layer)
+    parser.add_argument("--url", help="a running --enable-cacheblend server (else one is started)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+
+
+def run(args: argparse.Namespace, server_args: list[str], command: str) -> int:
+    """The CLI entry: start (or use) a server, evaluate, write the report, print the table."""
+    from transformers import AutoTokenizer
+
+    from sglang_cacheblend.launch import ServerProcess
+    from sglang_cacheblend.models import ensure_model
+
+    config = QualityConfig(
+        data=args.data, start=args.start, items=args.items, passages=args.passages,
+        max_new_tokens=args.max_new_tokens, top_k=args.top_k, ratios=tuple(args.ratios),
+        main_ratio=args.main_ratio, selectors=tuple(args.selectors),
+        gradual_end_layer=args.gradual_end_layer,
+    )
+    model_path = ensure_model()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    if args.url:
+        rows = evaluate(args.url, config, decode, encode)
+    else:
+        flags = server_args if "--enable-cacheblend" in server_args else [
+            "--enable-cacheblend", *server_args]
+        with ServerProcess(args=flags, model_path=model_path,
+                           log_path=args.out / "server.log") as server:
+            rows = evaluate(server.base_url, config, decode, encode)
+    summary = summarize_modes(rows)
+    write_report(args.out, config, rows, summary, command)
+    print((args.out / "quality.md").read_text())
+    return 0

@@ -1,0 +1,72 @@
+"""The quality runner's pure parts: which modes it runs and how it summarises them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sglang_cacheblend.chunks import ChunkAction, chunk_hints, read_chunk_action
+from sglang_cacheblend.config import BlendConfig
+from sglang_cacheblend.eval.quality import QualityConfig, modes_for, summarize_modes
+from sglang_cacheblend.srt.blend_keys import blend_extra_key, effective_config
+
+
+def test_modes_cover_full_reuse_the_sweep_and_the_variants_at_the_main_ratio():
+    modes = {m.name: m for m in modes_for(QualityConfig(ratios=(0.05, 0.15),
+                                                        selectors=("k_deviation",)))}
+    assert list(modes) == ["full", "reuse", "blend@0.05", "blend@0.15", "k_deviation@0.15",
+                           "gradual 0.3->0.15"]
+    assert not modes["full"].blend and modes["reuse"].recompute_ratio == 0.0
+    gradual = modes["gradual 0.3->0.15"].gradual
+    assert gradual[0] == (1, 0.3) and gradual[-1] == (8, 0.15)
+
+
+def _row(item, mode, kl, match=True):
+    return {"item": item, "mode": mode, "kl": kl, "logprob": -kl, "answer_matches_full": match,
+            "f1_vs_full": 1.0 if match else 0.5, "dataset_f1": 0.2,
+            "recomputed_fraction": 0.2}
+
+
+def test_summary_means_and_gap_recovered():
+    rows = [_row(0, "full", 0.0), _row(1, "full", 0.0),
+            _row(0, "reuse", 0.2, False), _row(1, "reuse", 0.4),
+            _row(0, "blend@0.15", 0.1), _row(1, "blend@0.15", 0.2, False)]
+    summary = summarize_modes(rows)
+    assert summary["reuse"]["kl"] == pytest.approx(0.3)
+    assert summary["blend@0.15"]["gap_recovered"] == pytest.approx(0.5)
+    assert summary["full"]["gap_recovered"] == pytest.approx(1.0)
+    assert summary["reuse"]["gap_recovered"] == pytest.approx(0.0)
+    assert summary["blend@0.15"]["answer_matches_full"] == pytest.approx(0.5)
+    assert summary["blend@0.15"]["items"] == 2
+    no_reuse = summarize_modes([_row(0, "full", 0.0)])
+    assert math.isnan(no_reuse["full"]["gap_recovered"])
+
+
+def test_per_request_overrides_travel_in_the_action_and_build_the_config():
+    hints = chunk_hints([(3, 9)], recompute_ratio=0.2, selector="k_deviation",
+                        gradual=[(1, 0.4), (4, 0.2)])
+    action = hints["actions"][0]
+    client = read_chunk_action([(action["action_type"], action["action_version"],
+                                 action["payload"])], normalized=False)
+    config = effective_config(BlendConfig(), client)
+    assert (config.recompute_ratio, config.selector, config.check_layer) == (0.2, "k_deviation", 1)
+    assert config.gradual == ((1, 0.4), (4, 0.2))
+    # Settings that change the KV change the prefix namespace.
+    assert blend_extra_key(None, config) != blend_extra_key(None, BlendConfig())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(selector="nope"), "selector must be one of"),
+    (dict(gradual=[[1, 0.3], "x"]), "gradual steps must be"),
+    (dict(gradual="1,0.3"), "gradual must be a list"),
+])
+def test_bad_overrides_are_rejected_with_the_field_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ChunkAction(False, ((0, 4),), "", **overrides)
+
+
+def test_a_schedule_that_contradicts_the_ratio_is_rejected():
+    action = ChunkAction(False, ((0, 4),), "", recompute_ratio=0.1, gradual=[[1, 0.3], [8, 0.15]])
+    with pytest.raises(ValueError, match="gradual must end at recompute_ratio=0.1"):
+        effective_config(BlendConfig(), action)
