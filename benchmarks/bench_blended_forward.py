@@ -36,6 +36,31 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cacheblend_inputs" / "musique_dev.json"
 
 
+def setup(data: Path, item_index: int, passages: int):
+    """SmolLM2 (bf16, SDPA), its ``DecoderOps`` and the laid-out blended prompt of one item."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = ensure_model()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa").eval()
+    ops = HFLlamaOps(model)
+    item = json.loads(data.read_text())[item_index]
+
+    def encode(text: str) -> torch.Tensor:
+        return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
+
+    sink = encode("<|im_start|>system\n")
+    prefix = encode("<|im_start|>system\nAnswer the question from the passages.<|im_end|>\n"
+                    "<|im_start|>user\n")
+    suffix = encode(f"Question: {item['question']}<|im_end|>\n<|im_start|>assistant\n")
+    chunks = [chunk_kv(ops, sink, encode(c["text"] + "\n\n"), torch.bfloat16)
+              for c in item["ctxs"][: passages]]
+    prefix_kv = full_prefill(ops, prefix, torch.arange(prefix.numel()), torch.bfloat16)
+    prompt = blend_prompt(ops, ops.rotary, prefix_kv, prefix, chunks, suffix, torch.bfloat16)
+    return model, ops, prompt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -48,26 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = ensure_model()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa").eval()
-    ops = HFLlamaOps(model)
-    item = json.loads(args.data.read_text())[args.item]
-
-    def encode(text: str) -> torch.Tensor:
-        return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
-
-    sink = encode("<|im_start|>system\n")
-    prefix = encode("<|im_start|>system\nAnswer the question from the passages.<|im_end|>\n"
-                    "<|im_start|>user\n")
-    suffix = encode(f"Question: {item['question']}<|im_end|>\n<|im_start|>assistant\n")
-    chunks = [chunk_kv(ops, sink, encode(c["text"] + "\n\n"), torch.bfloat16)
-              for c in item["ctxs"][: args.passages]]
-    prefix_kv = full_prefill(ops, prefix, torch.arange(prefix.numel()), torch.bfloat16)
-    prompt = blend_prompt(ops, ops.rotary, prefix_kv, prefix, chunks, suffix, torch.bfloat16)
+    model, ops, prompt = setup(args.data, args.item, args.passages)
     n = prompt.input_ids.numel()
 
     def dense() -> None:

@@ -21,47 +21,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
-import time
 import uuid
 from pathlib import Path
-
-import requests
+from typing import Any
 
 import sglang_cacheblend as cb
-from sglang_cacheblend.chunks import chunk_hints
+from sglang_cacheblend.chunks import ChunkedPrompt
+from sglang_cacheblend.eval.bench_report import ratios_against
 from sglang_cacheblend.eval.dataset import (
     DEFAULT_DATA_PATH,
     QAItem,
     build_prompt,
+    encoder,
     load_items,
     tokenize_prompt,
 )
+from sglang_cacheblend.eval.load import Client
+from sglang_cacheblend.eval.metrics import summarize
 from sglang_cacheblend.launch import ServerProcess
 from sglang_cacheblend.models import ensure_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def build(tokenizer, item: QAItem, passages: int, reverse: bool) -> tuple[list[int], list, list]:
-    """Token ids, chunk spans and chunk texts of the shared RAG prompt (``eval.dataset``)."""
+def build(tokenizer: Any, item: QAItem, passages: int) -> tuple[ChunkedPrompt, ChunkedPrompt,
+                                                                list[str]]:
+    """The shared RAG prompt (``eval.dataset``) tokenized in file order and with its passages
+    reversed (what defeats the prefix cache), and its chunk texts in file order (to precompute).
+    """
     prompt = build_prompt(item, num_passages=passages)
-    texts = list(prompt.passages)
-    if reverse:
-        prompt = prompt.reordered(range(passages - 1, -1, -1))
-    chunked = tokenize_prompt(prompt, lambda t: tokenizer(t, add_special_tokens=False).input_ids)
-    return list(chunked.input_ids), [list(span) for span in chunked.spans], texts
-
-
-def ttft(url: str, ids: list[int], salt: str, hints: dict | None = None) -> float:
-    body = {"input_ids": ids, "cache_salt": salt,
-            "sampling_params": {"temperature": 0, "max_new_tokens": 1}}
-    if hints is not None:
-        body["kv_hints"] = hints
-    start = time.perf_counter()
-    requests.post(url + "/generate", json=body, timeout=900).raise_for_status()
-    return time.perf_counter() - start
+    reverse = prompt.reordered(range(passages - 1, -1, -1))
+    encode = encoder(tokenizer)
+    return tokenize_prompt(prompt, encode), tokenize_prompt(reverse, encode), list(prompt.passages)
 
 
 def main() -> None:
@@ -80,34 +72,37 @@ def main() -> None:
     model_path = ensure_model()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     item = load_items(args.data)[args.item]
-    ids, _, texts = build(tokenizer, item, args.passages, reverse=False)
-    rev_ids, rev_spans, _ = build(tokenizer, item, args.passages, reverse=True)
+    ordered, reverse, texts = build(tokenizer, item, args.passages)
+    tokens = len(ordered.input_ids)
     times: dict[str, list[float]] = {"full": [], "prefix_same": [], "prefix_reordered": []}
     times.update({f"blend@{r:g}": [] for r in args.ratios})
     log = Path("/tmp/bench_server_ttft.log")
     with ServerProcess(args=["--enable-cacheblend"], port=args.port, model_path=model_path,
                        log_path=log) as server:
-        url = server.base_url
-        ttft(url, ids, uuid.uuid4().hex)  # warm-up
+        client = Client(server.base_url)
+
+        def ttft(prompt: ChunkedPrompt, salt: str, ratio: float | None = None) -> float:
+            return client.generate(prompt, salt, ratio).latency_s
+
+        ttft(ordered, uuid.uuid4().hex)  # warm-up
         for _ in range(args.reps):
             salt = uuid.uuid4().hex
-            times["full"].append(ttft(url, ids, salt))  # also warms the tree for the next two
-            times["prefix_same"].append(ttft(url, ids, salt))
-            times["prefix_reordered"].append(ttft(url, rev_ids, salt))
+            times["full"].append(ttft(ordered, salt))  # also warms the tree for the next two
+            times["prefix_same"].append(ttft(ordered, salt))
+            times["prefix_reordered"].append(ttft(reverse, salt))
             for ratio in args.ratios:
                 salt = uuid.uuid4().hex
-                cb.precompute_chunks(url, texts, cache_salt=salt)
-                hints = chunk_hints(rev_spans)
-                hints["actions"][0]["payload"]["recompute_ratio"] = ratio
-                times[f"blend@{ratio:g}"].append(ttft(url, rev_ids, salt, hints))
+                cb.precompute_chunks(client.url, texts, cache_salt=salt)
+                times[f"blend@{ratio:g}"].append(ttft(reverse, salt, ratio))
 
-    med = {mode: statistics.median(v) for mode, v in times.items()}
-    rows = [{"mode": m, "min_s": min(v), "median_s": med[m], "max_s": max(v),
-             "vs_full": med["full"] / med[m], "vs_prefix_reordered": med["prefix_reordered"] / med[m]}
-            for m, v in times.items()]
+    stats = {mode: summarize(v) for mode, v in times.items()}
+    ratios = ratios_against({m: s.median for m, s in stats.items()},
+                            ("full", "prefix_reordered"), higher_is_better=False)
+    rows = [{"mode": m, "min_s": s.min, "median_s": s.median, "max_s": s.max, **ratios[m]}
+            for m, s in stats.items()]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
-    meta = {"tokens": len(ids), "passages": args.passages, "item": args.item, "reps": args.reps,
+    meta = {"tokens": tokens, "passages": args.passages, "item": args.item, "reps": args.reps,
             "commit": commit, "load_avg": list(os.getloadavg()),
             "machine": "2-core x86_64 CPU, no GPU", "model": "SmolLM2-135M-Instruct bf16"}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +111,7 @@ def main() -> None:
         "# TTFT through SGLang: full prefill, prefix cache, CacheBlend (CPU)", "",
         f"Command: `python benchmarks/bench_server_ttft.py --passages {args.passages} "
         f"--reps {args.reps}`  ",
-        f"Prompt: {len(ids)} tokens (instruction + {args.passages} musique_dev passages of item "
+        f"Prompt: {tokens} tokens (instruction + {args.passages} musique_dev passages of item "
         f"{args.item} + question); SmolLM2-135M bf16; one server; commit {commit}; load average "
         f"{meta['load_avg']}.", "",
         "| mode | min s | median s | max s | speedup vs full | vs prefix cache, reordered |",

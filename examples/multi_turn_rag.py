@@ -1,7 +1,10 @@
 """A multi-turn RAG conversation as an ``sgl.function`` with ``cb.chunk`` and ``sgl.gen``.
 
 Run `sglang-cacheblend serve --enable-cacheblend` first (it listens on 127.0.0.1:30000). Each
-turn re-sends the passages as chunks, so their precomputed KV is reused wherever they sit.
+turn re-sends the passages as chunks. The first turn blends their precomputed KV; a follow-up turn
+repeats the conversation, so the server reuses the previous turn's blended KV as a prefix
+(``cached_tokens``) and only the new tokens are computed. Each answer's ``meta_info`` shows what
+the server did (``meta_info["cacheblend"]``).
 """
 
 from __future__ import annotations
@@ -39,8 +42,14 @@ def main() -> None:
     cb.precompute_chunks(args.url, PASSAGES)
     history: list[tuple[str, str]] = []
     for question in ["Where was Marie Curie born?", "Which prizes did she win, and when?"]:
-        answer = rag_turn.run(history=history, question=question)["answer"].strip()
-        print(f"Q: {question}\nA: {answer}\n")
+        state = rag_turn.run(history=history, question=question)
+        answer = state["answer"].strip()
+        meta = state.get_meta_info("answer")
+        report = (meta.get("cacheblend") or [{}])[0]
+        print(f"Q: {question}\nA: {answer}")
+        print(f"   prompt tokens {meta['prompt_tokens']}, prefix-cached {meta['cached_tokens']}, "
+              f"blended {report.get('blended')}, chunk tokens reused "
+              f"{report.get('chunk_reused_tokens', 0)}\n")
         history.append((question, answer))
 
 

@@ -6,7 +6,11 @@ Modules, by job:
     ``dataset``   load a musique_dev-format file and build the RAG prompt of an item
     ``results``   write and read a results file (JSON + per-row CSV) with its provenance
     ``plots``     quality vs recompute ratio, gap recovered per mode, TTFT vs prompt length
-    ``bench``     TTFT and throughput against a real server (``sglang-cacheblend bench``)
+    ``teacher_forcing``  fidelity of a mode to full prefill through a server's own logprobs
+    ``quality``   the ``sglang-cacheblend eval`` runner: every mode on every item, report, plots
+    ``bench``     TTFT and throughput against a real server (``sglang-cacheblend bench``), with
+                  ``load`` (HTTP client, closed and Poisson load loops) and ``bench_report``
+    ``selector_sweep``  offline (transformers) sweep of selectors x budgets, teacher-forced KL
 
 Importing this package is cheap: submodules are imported where they are used.
 """

@@ -29,6 +29,9 @@ Arguments the command does not know are SGLang flags for the server it starts. W
 
     sglang-cacheblend bench --chunks 2 6 12 --chunk-sizes 256 512 1024 --reps 3 \\
         --concurrency 4 --rates 0.1 0.2 0.5 --load-requests 16 --load-seconds 300
+
+This module builds the workloads and runs the modes; :mod:`.load` holds the HTTP client and the
+load loops, :mod:`.bench_report` the summaries, ratios and written outputs.
 """
 
 from __future__ import annotations
@@ -39,40 +42,47 @@ import random
 import shlex
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import requests
 from tqdm import tqdm
 
-from sglang_cacheblend.chunks import ChunkedPrompt, chunk_hints, precompute_chunks
+from sglang_cacheblend.chunks import ChunkedPrompt, Encode
+from sglang_cacheblend.eval.bench_report import BASELINES, write_outputs
 from sglang_cacheblend.eval.dataset import (
     DEFAULT_DATA_PATH,
     QAItem,
     RagPrompt,
+    encoder,
     load_items,
     rag_prompt,
     tokenize_prompt,
 )
-from sglang_cacheblend.eval.metrics import summarize
+from sglang_cacheblend.eval.load import (
+    Client,
+    Completed,
+    Reply,
+    Send,
+    closed_loop,
+    open_loop,
+    poisson_schedule,
+)
 from sglang_cacheblend.eval.results import REPO_ROOT
 
-BASELINES = ("full", "prefix", "prefix_reordered")
-Encode = Callable[[str], Sequence[int]]
 Decode = Callable[[Sequence[int]], str]
+"""``token ids -> text``: how :func:`sized_passages` turns a token cut back into a chunk text."""
 
 
 def mode_names(ratios: Sequence[float]) -> list[str]:
+    """Every mode one run measures, baselines first, in the order TTFT sends them."""
     return [*BASELINES, "reuse", *(f"blend@{r:g}" for r in ratios)]
 
 
-# ------------------------------------------------------------------------------ pure parts
+# ------------------------------------------------------------------------------ workloads
 
 
 def sized_passages(
@@ -99,177 +109,17 @@ def sized_passages(
     return chunks
 
 
-def poisson_schedule(
-    rate: float, *, max_requests: int, max_seconds: float, seed: int
-) -> list[float]:
-    """Arrival offsets (s) of a Poisson process at ``rate``/s: first at 0, exponential gaps.
-
-    Bounded in count (``max_requests``) and time (every offset < ``max_seconds``); the same seed
-    gives the same schedule.
-    """
-    if rate <= 0 or max_requests < 1 or max_seconds <= 0:
-        raise ValueError("rate, max_requests and max_seconds must be positive")
-    rng = random.Random(seed)
-    offsets, t = [], 0.0
-    while len(offsets) < max_requests and t < max_seconds:
-        offsets.append(t)
-        t += rng.expovariate(rate)
-    return offsets
-
-
 def reorderings(n: int, count: int, seed: int) -> list[list[int]]:
     """``count`` seeded random orders of ``n`` chunks, none the original order (n >= 2)."""
     if n < 2:
         raise ValueError("reordering needs at least 2 chunks")
     rng = random.Random(seed)
-    orders = []
+    orders: list[list[int]] = []
     while len(orders) < count:
         order = rng.sample(range(n), n)
         if order != list(range(n)):
             orders.append(order)
     return orders
-
-
-def ratios_against(
-    values: Mapping[str, float], baselines: Sequence[str], *, higher_is_better: bool
-) -> dict[str, dict[str, float | None]]:
-    """Per mode, how many times better than each baseline (``vs_<baseline>``; >1 is better).
-
-    TTFT (lower is better): ``baseline / mode``; throughput: ``mode / baseline``. None where a
-    baseline was not measured or a value is 0.
-    """
-    out: dict[str, dict[str, float | None]] = {}
-    for mode, value in values.items():
-        row: dict[str, float | None] = {}
-        for base in baselines:
-            ref = values.get(base)
-            ok = ref is not None and ref > 0 and value > 0
-            if not ok:
-                row[f"vs_{base}"] = None
-            else:
-                row[f"vs_{base}"] = value / ref if higher_is_better else ref / value
-        out[mode] = row
-    return out
-
-
-def ttft_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Min/median/mean/max TTFT per (chunks, size, mode), with ratios against the baselines.
-
-    ``min_reused_tokens``: the fewest chunk tokens the server reported reusing for a request of
-    that mode (None: not a blended mode, or never reported); 0 or None for ``reuse``/``blend``
-    means those requests were not blended and their times are not CacheBlend's.
-    """
-    groups: dict[tuple[int, int], dict[str, list[float]]] = {}
-    tokens: dict[tuple[int, int], int] = {}
-    reused: dict[tuple[int, int, str], list[int]] = {}
-    for row in rows:
-        key = (row["chunks"], row["chunk_size"])
-        groups.setdefault(key, {}).setdefault(row["mode"], []).append(row["ttft_s"])
-        tokens[key] = row["prompt_tokens"]
-        if row.get("reused_tokens") is not None:
-            reused.setdefault((*key, row["mode"]), []).append(row["reused_tokens"])
-    out = []
-    for key, modes in groups.items():
-        stats = {mode: summarize(times) for mode, times in modes.items()}
-        ratios = ratios_against({m: s.median for m, s in stats.items()}, BASELINES,
-                                higher_is_better=False)
-        for mode, s in stats.items():
-            out.append({"chunks": key[0], "chunk_size": key[1], "prompt_tokens": tokens[key],
-                        "mode": mode, "n": s.n, "min_s": s.min, "median_s": s.median,
-                        "mean_s": s.mean, "max_s": s.max, **ratios[mode],
-                        "min_reused_tokens": min(reused.get((*key, mode), [None]), key=_none_low)})
-    return out
-
-
-def unblended_warnings(ttft: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One line per reuse/blend summary row whose requests the server did not blend."""
-    return [f"WARNING: {r['mode']} at {r['chunks']} x {r['chunk_size']} was not blended (the "
-            "server reported no reused chunk tokens); its times are not CacheBlend's"
-            for r in ttft if r["mode"] not in BASELINES and not r["min_reused_tokens"]]
-
-
-def _none_low(value: int | None) -> float:
-    return -1 if value is None else value
-
-
-def load_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Requests/s and latency per (loop, mode), with throughput ratios against the baselines.
-
-    A loop's throughput is completed requests over the time from its start to its last
-    completion.
-    """
-    groups: dict[str, dict[str, list[Mapping[str, Any]]]] = {}
-    for row in rows:
-        groups.setdefault(row["loop"], {}).setdefault(row["mode"], []).append(row)
-    out = []
-    for loop, modes in groups.items():
-        rps = {mode: len(rs) / max(r["end_s"] for r in rs) for mode, rs in modes.items()}
-        ratios = ratios_against(rps, BASELINES, higher_is_better=True)
-        for mode, rs in modes.items():
-            lat = summarize(r["latency_s"] for r in rs)
-            out.append({"loop": loop, "mode": mode, "completed": len(rs),
-                        "requests_per_s": rps[mode], "median_latency_s": lat.median,
-                        "max_latency_s": lat.max, **ratios[mode]})
-    return out
-
-
-# ------------------------------------------------------------------------------ server client
-
-
-@dataclass(frozen=True)
-class Reply:
-    latency_s: float
-    rid: str
-    cached_tokens: int | None
-
-
-class Client:
-    """The server calls the benchmark makes: ``/generate``, ``/flush_cache``, ``/server_info``."""
-
-    def __init__(self, base_url: str, timeout_s: float = 900.0) -> None:
-        self.url = base_url.rstrip("/")
-        self.timeout_s = timeout_s
-
-    def generate(self, prompt: ChunkedPrompt, salt: str, ratio: float | None = None) -> Reply:
-        """One request with ``max_new_tokens=1``; chunks marked only when ``ratio`` is given."""
-        body: dict[str, Any] = {"input_ids": list(prompt.input_ids), "cache_salt": salt,
-                                "sampling_params": {"temperature": 0, "max_new_tokens": 1}}
-        if ratio is not None:
-            hints = chunk_hints(prompt.spans)
-            hints["actions"][0]["payload"]["recompute_ratio"] = ratio
-            body["kv_hints"] = hints
-        start = time.perf_counter()
-        response = requests.post(self.url + "/generate", json=body, timeout=self.timeout_s)
-        latency = time.perf_counter() - start
-        if response.status_code != 200:
-            raise RuntimeError(f"/generate failed ({response.status_code}): {response.text}")
-        meta = response.json()["meta_info"]
-        return Reply(latency, meta["id"], meta.get("cached_tokens"))
-
-    def flush(self) -> None:
-        for _ in range(20):  # the scheduler refuses while it still holds a finishing request
-            if requests.post(self.url + "/flush_cache", timeout=60).status_code == 200:
-                return
-            time.sleep(0.5)
-        raise RuntimeError("the server refused /flush_cache 20 times")
-
-    def precompute(self, texts: Sequence[str], salt: str) -> float:
-        start = time.perf_counter()
-        precompute_chunks(self.url, texts, cache_salt=salt, timeout=self.timeout_s)
-        return time.perf_counter() - start
-
-    def cacheblend_state(self) -> dict[str, Any]:
-        info = requests.get(self.url + "/server_info", timeout=60).json()
-        state = (info.get("internal_states") or [{}])[0].get("cacheblend")
-        if not state:
-            raise RuntimeError(f"{self.url} runs without CacheBlend (--enable-cacheblend)")
-        return state
-
-    def reused_tokens(self, rid: str) -> int | None:
-        return self.cacheblend_state().get("last_blend", {}).get(rid, {}).get("reused_tokens")
-
-
-# ------------------------------------------------------------------------------ workloads
 
 
 @dataclass(frozen=True)
@@ -284,6 +134,7 @@ class Workload:
 
     @property
     def prompt_tokens(self) -> int:
+        """Prompt length in tokens (the same in either order), what the context limit applies to."""
         return len(self.ordered.input_ids)
 
 
@@ -291,9 +142,7 @@ def make_workload(
     items: Sequence[QAItem], item: int, chunks: int, size: int, tokenizer: Any
 ) -> Workload:
     """The prompt of ``chunks`` chunks of ``size`` tokens and the question of ``items[item]``."""
-
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False).input_ids
+    encode = encoder(tokenizer)
 
     def decode(ids: Sequence[int]) -> str:
         return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
@@ -305,12 +154,15 @@ def make_workload(
                     tokenize_prompt(reverse, encode))
 
 
+# ------------------------------------------------------------------------------ modes
+
+
 def run_ttft(client: Client, work: Workload, ratios: Sequence[float], rep: int,
              bar: tqdm | None = None) -> list[dict[str, Any]]:
     """One repetition of every mode on ``work``: a fresh cache, fresh salts (module docstring)."""
     base = {"phase": "ttft", "chunks": work.chunks, "chunk_size": work.chunk_size,
             "prompt_tokens": work.prompt_tokens, "rep": rep}
-    rows = []
+    rows: list[dict[str, Any]] = []
 
     def record(mode: str, reply: Reply, reused: int | None = None) -> None:
         rows.append({**base, "mode": mode, "ttft_s": reply.latency_s,
@@ -333,52 +185,6 @@ def run_ttft(client: Client, work: Workload, ratios: Sequence[float], rep: int,
     return rows
 
 
-# ------------------------------------------------------------------------------ load loops
-
-
-def closed_loop(send: Callable[[int], Reply], *, concurrency: int, max_requests: int,
-                max_seconds: float) -> list[tuple[int, float, Reply]]:
-    """``concurrency`` workers send requests back to back until either bound is reached.
-
-    Returns ``(request index, start offset s, reply)`` per completed request.
-    """
-    lock = threading.Lock()
-    issued = [0]
-    t0 = time.perf_counter()
-    done: list[tuple[int, float, Reply]] = []
-
-    def worker() -> None:
-        while True:
-            with lock:
-                if issued[0] >= max_requests or time.perf_counter() - t0 >= max_seconds:
-                    return
-                index = issued[0]
-                issued[0] += 1
-            start = time.perf_counter() - t0
-            reply = send(index)
-            with lock:
-                done.append((index, start, reply))
-
-    with ThreadPoolExecutor(concurrency) as pool:
-        for future in [pool.submit(worker) for _ in range(concurrency)]:
-            future.result()
-    return done
-
-
-def open_loop(
-    send: Callable[[int], Reply], schedule: Sequence[float]
-) -> list[tuple[int, float, Reply]]:
-    """Send request i at ``schedule[i]`` seconds (Poisson arrivals), whatever is in flight."""
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max(1, len(schedule))) as pool:
-        futures = []
-        for index, offset in enumerate(schedule):
-            time.sleep(max(0.0, offset - (time.perf_counter() - t0)))
-            start = time.perf_counter() - t0
-            futures.append((index, start, pool.submit(send, index)))
-        return [(index, start, future.result()) for index, start, future in futures]
-
-
 def run_load(client: Client, work: Workload, encode: Encode, ratios: Sequence[float],
              args: argparse.Namespace, bar: tqdm | None = None) -> list[dict[str, Any]]:
     """Every mode under the closed loop, then under each Poisson rate (module docstring)."""
@@ -388,7 +194,7 @@ def run_load(client: Client, work: Workload, encode: Encode, ratios: Sequence[fl
     client.precompute(work.prompt.passages, blend_salt)
     orders = reorderings(work.chunks, args.load_requests, args.seed)
     shuffled = [tokenize_prompt(work.prompt.reordered(o), encode) for o in orders]
-    senders: dict[str, Callable[[int], Reply]] = {
+    senders: dict[str, Send] = {
         "full": lambda i: client.generate(work.ordered, uuid.uuid4().hex),
         "prefix": lambda i: client.generate(work.ordered, salt),
         "prefix_reordered": lambda i: client.generate(shuffled[i], salt),
@@ -396,7 +202,7 @@ def run_load(client: Client, work: Workload, encode: Encode, ratios: Sequence[fl
         **{f"blend@{r:g}": (lambda i, r=r: client.generate(shuffled[i], blend_salt, r))
            for r in ratios},
     }
-    loops: list[tuple[str, Callable[[Callable[[int], Reply]], list]]] = [
+    loops: list[tuple[str, Callable[[Send], list[Completed]]]] = [
         (f"concurrency={args.concurrency}",
          lambda send: closed_loop(send, concurrency=args.concurrency,
                                   max_requests=args.load_requests, max_seconds=args.load_seconds))]
@@ -404,10 +210,10 @@ def run_load(client: Client, work: Workload, encode: Encode, ratios: Sequence[fl
         schedule = poisson_schedule(rate, max_requests=args.load_requests,
                                     max_seconds=args.load_seconds, seed=args.seed)
         loops.append((f"poisson={rate:g}/s", lambda send, s=schedule: open_loop(send, s)))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for loop, run in loops:
         for mode, send in senders.items():
-            def counted(i: int, send: Callable[[int], Reply] = send) -> Reply:
+            def counted(i: int, send: Send = send) -> Reply:
                 reply = send(i)
                 if bar is not None:
                     bar.update()
@@ -476,11 +282,13 @@ def run(args: argparse.Namespace, server_args: Sequence[str] = ()) -> dict[str, 
         raise ValueError(f"server flags {list(server_args)} need a server started here, not --url")
     model_path = args.model_path or ensure_model(getattr(args, "cache_dir", None))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    encode = encoder(tokenizer)
     context_len = json.loads((Path(model_path) / "config.json").read_text())[
         "max_position_embeddings"]
     items = load_items(args.data)
     shapes = [(k, s) for s in args.chunk_sizes for k in args.chunks]
-    works, skipped = [], []
+    works: list[Workload] = []
+    skipped: list[Workload] = []
     for k, s in shapes:
         work = make_workload(items, args.item, k, s, tokenizer)
         (works if work.prompt_tokens < context_len else skipped).append(work)
@@ -507,10 +315,6 @@ def run(args: argparse.Namespace, server_args: Sequence[str] = ()) -> dict[str, 
                     rows += run_ttft(client, work, args.ratios, rep, bar)
         if load_work is not None:
             total = (1 + len(args.rates)) * modes * args.load_requests
-
-            def encode(text: str) -> list[int]:
-                return tokenizer(text, add_special_tokens=False).input_ids
-
             with tqdm(total=total, desc="load", unit="req") as bar:
                 rows += run_load(client, load_work, encode, args.ratios, args, bar)
         server = {k: v for k, v in state.items() if k not in ("last_blend", "token_pool", "pid")}
@@ -532,85 +336,3 @@ def run(args: argparse.Namespace, server_args: Sequence[str] = ()) -> dict[str, 
                   context_len=context_len, server_cacheblend=server,
                   wall_s=time.monotonic() - started)
     return write_outputs(args.out, args.name, config, rows, skipped_rows)
-
-
-def write_outputs(out: Path, name: str, config: dict[str, Any], rows: list[dict[str, Any]],
-                  skipped: list[dict[str, Any]]) -> dict[str, Path]:
-    """``<name>.json``/``.csv`` (:mod:`results`), ``<name>.md`` and ``<name>_ttft.png``."""
-    from sglang_cacheblend.eval.plots import plot_ttft_vs_length
-    from sglang_cacheblend.eval.results import provenance, write_results
-
-    ttft = ttft_summary([r for r in rows if r["phase"] == "ttft"])
-    load = load_summary([r for r in rows if r["phase"] == "load"])
-    summary = {"ttft": ttft, "load": load, "skipped": skipped}
-    info = provenance()
-    paths = write_results(out, name, config=config, rows=rows, summary=summary,
-                          provenance_info=info)
-    series: dict[str, list[tuple[float, ...]]] = {}
-    for r in ttft:
-        series.setdefault(r["mode"], []).append(
-            (r["prompt_tokens"], r["median_s"], r["min_s"], r["max_s"]))
-    png = plot_ttft_vs_length(series, out / f"{name}_ttft.png",
-                              title="TTFT vs prompt length (median, min-max)")
-    for warning in unblended_warnings(ttft):
-        print(warning, file=sys.stderr)
-    md = out / f"{name}.md"
-    md.write_text(markdown_report(config, info, summary, png.name))
-    return {"json": paths.json, "csv": paths.csv, "md": md, "png": png}
-
-
-def _x(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
-def markdown_report(config: Mapping[str, Any], info: Mapping[str, Any],
-                    summary: Mapping[str, Any], png_name: str) -> str:
-    """The human-readable table: every mode as ratios against the baselines of the same run."""
-    git, machine = info["git"], info["machine"]
-    commit = (git["commit"] or "unknown")[:12] + (" (dirty)" if git["dirty"] else "")
-    ram = f"{machine['ram_bytes'] / 2**30:.0f} GiB RAM" if machine["ram_bytes"] else "RAM unknown"
-    lines = [
-        "# Serving benchmark: full prefill, prefix cache, full KV reuse, CacheBlend", "",
-        f"Command: `{config.get('command_line', 'sglang-cacheblend bench')}`  ",
-        (f"Date {info['date']}; commit {commit}; {machine['cpu_model']}, {machine['cpu_cores']} "
-         f"cores, {ram}; torch {machine['torch']}, sglang {machine['sglang']}; load average "
-         f"{[round(x, 2) for x in machine['load_avg'] or []]}; wall {config['wall_s']:.0f} s."),
-        "",
-        ("Ratios are against the baselines measured in this run (>1 is better): TTFT as "
-         "baseline/mode, throughput as mode/baseline. Compare ratios, not seconds. "
-         "`reused tokens`: the fewest chunk tokens the server reported reusing for the mode's "
-         "requests (0 or - for reuse/blend means they were not blended)."),
-        "", "## TTFT", "",
-        ("| chunks x size | prompt tokens | mode | n | min s | median s | max s | vs full "
-         "| vs prefix | vs prefix reordered | reused tokens (min) |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in summary["ttft"]:
-        lines.append(
-            f"| {r['chunks']} x {r['chunk_size']} | {r['prompt_tokens']} | {r['mode']} | {r['n']} "
-            f"| {r['min_s']:.2f} | {r['median_s']:.2f} | {r['max_s']:.2f} | {_x(r['vs_full'])} "
-            f"| {_x(r['vs_prefix'])} | {_x(r['vs_prefix_reordered'])} "
-            f"| {'-' if r['min_reused_tokens'] is None else r['min_reused_tokens']} |")
-    lines += ["", f"![TTFT vs prompt length]({png_name})", ""]
-    for warning in unblended_warnings(summary["ttft"]):
-        lines += [f"**{warning}**", ""]
-    if summary["load"]:
-        lines += [
-            (f"## Throughput ({config['load_chunks']} chunks x {config['load_chunk_size']} "
-             f"tokens, at most {config['load_requests']} requests or {config['load_seconds']:g} s "
-             "per loop)"),
-            "",
-            ("| loop | mode | completed | req/s | median latency s | max latency s | vs full "
-             "| vs prefix | vs prefix reordered |"),
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in summary["load"]:
-            lines.append(
-                f"| {r['loop']} | {r['mode']} | {r['completed']} | {r['requests_per_s']:.3f} "
-                f"| {r['median_latency_s']:.2f} | {r['max_latency_s']:.2f} | {_x(r['vs_full'])} "
-                f"| {_x(r['vs_prefix'])} | {_x(r['vs_prefix_reordered'])} |")
-        lines.append("")
-    for s in summary["skipped"]:
-        lines.append(f"Skipped {s['chunks']} x {s['chunk_size']}: {s['prompt_tokens']} tokens, "
-                     f"over the model's context of {s['context_len']}.")
-    return "\n".join(lines).rstrip() + "\n"

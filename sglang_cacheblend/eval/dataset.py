@@ -17,12 +17,12 @@ the quality runner and the speed benchmark measure the same prompt.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sglang_cacheblend.chunks import ChunkedPrompt, Segment, chunk, tokenize_segments
+from sglang_cacheblend.chunks import ChunkedPrompt, Encode, Segment, chunk, tokenize_segments
 
 DEFAULT_DATA_PATH = (
     Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cacheblend_inputs"
@@ -153,12 +153,25 @@ def rag_prompt(
     )
 
 
-def tokenize_prompt(prompt: RagPrompt, encode: Callable[[str], Sequence[int]]) -> ChunkedPrompt:
+def encoder(tokenizer: Any) -> Encode:
+    """``encode`` for :func:`tokenize_prompt`: ``tokenizer(text, add_special_tokens=False)``.
+
+    One definition, so every harness tokenizes the prompt pieces the same way (a tokenizer that
+    added a BOS to each piece would put one before every chunk).
+    """
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    return encode
+
+
+def tokenize_prompt(prompt: RagPrompt, encode: Encode) -> ChunkedPrompt:
     """Token ids and chunk spans of ``prompt``, each piece tokenized on its own.
 
-    ``encode`` must add no special tokens (``tokenizer(text, add_special_tokens=False)``); the
-    ChatML text already carries them. For a tokenizer that adds none of its own to a prompt
-    (SmolLM2), the result is what the server builds from :meth:`RagPrompt.marked_text`;
-    ``chunk_hints(result.spans)`` marks the same chunks on ``result.input_ids``.
+    ``encode`` must add no special tokens (:func:`encoder`); the ChatML text already carries
+    them. For a tokenizer that adds none of its own to a prompt (SmolLM2), the result is what
+    the server builds from :meth:`RagPrompt.marked_text`; ``chunk_hints(result.spans)`` marks
+    the same chunks on ``result.input_ids``.
     """
     return tokenize_segments(prompt.segments(), encode)

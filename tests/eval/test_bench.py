@@ -1,29 +1,33 @@
-"""The benchmark's pure parts: chunk sizing, schedules, orders, ratios and summaries. No server."""
+"""The benchmark's pure parts (``bench``, ``load``, ``bench_report``): chunk sizing, workloads,
+schedules, orders, request bodies, ratios and summaries. No server."""
 
 from __future__ import annotations
 
 import argparse
 import time
+from types import SimpleNamespace
 
 import pytest
 
+from sglang_cacheblend.chunks import ChunkedPrompt
+from sglang_cacheblend.eval import load
 from sglang_cacheblend.eval.bench import (
-    Reply,
     add_arguments,
     check_arguments,
-    closed_loop,
-    load_summary,
-    markdown_report,
+    make_workload,
     mode_names,
-    open_loop,
-    poisson_schedule,
-    ratios_against,
     reorderings,
     sized_passages,
+)
+from sglang_cacheblend.eval.bench_report import (
+    load_summary,
+    markdown_report,
+    ratios_against,
     ttft_summary,
     unblended_warnings,
 )
 from sglang_cacheblend.eval.dataset import QAItem
+from sglang_cacheblend.eval.load import Reply, closed_loop, open_loop, poisson_schedule
 
 
 def encode(text: str) -> list[int]:
@@ -45,6 +49,30 @@ def test_sized_passages_truncates_joins_and_wraps():
     assert sized_passages(ITEMS, 1, 2, 10, encode, decode) == ["z" * 10, "x" * 10]
     with pytest.raises(ValueError, match="too few passages"):
         sized_passages(ITEMS, 0, 3, 30, encode, decode)
+
+
+class CharTokenizer:
+    """A tokenizer stand-in: one token per character, no special tokens of its own."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> SimpleNamespace:
+        assert not add_special_tokens
+        return SimpleNamespace(input_ids=encode(text))
+
+    def decode(self, ids, clean_up_tokenization_spaces: bool = True) -> str:
+        return decode(ids)
+
+
+def test_make_workload_sends_the_same_chunks_reversed():
+    work = make_workload(ITEMS, 0, 2, 4, CharTokenizer())
+    assert work.prompt.passages == ("xxxx\n\n", "yyyy\n\n")
+    assert work.prompt_tokens == len(work.ordered.input_ids) == len(work.reordered.input_ids)
+
+    def chunk(prompt, k):
+        start, end = prompt.spans[k]
+        return prompt.input_ids[start:end]
+
+    assert chunk(work.ordered, 0) == chunk(work.reordered, 1) == tuple(encode("xxxx\n\n"))
+    assert chunk(work.ordered, 1) == chunk(work.reordered, 0)
 
 
 def test_poisson_schedule_is_seeded_and_bounded():
@@ -125,6 +153,33 @@ def test_closed_and_open_loops_respect_both_bounds():
     opened = open_loop(send, [0.0, 0.02, 0.05])
     assert [i for i, _, _ in opened] == [0, 1, 2]
     assert opened[2][1] >= 0.05
+
+
+def test_client_generate_marks_chunks_only_with_a_ratio(monkeypatch):
+    sent = []
+
+    class Response:
+        status_code = 200
+
+        def json(self):
+            return {"meta_info": {"id": "rid", "cached_tokens": 4}}
+
+    def post(url, json, timeout):
+        sent.append((url, json))
+        return Response()
+
+    monkeypatch.setattr(load.requests, "post", post)
+    client = load.Client("http://server/")
+    prompt = ChunkedPrompt((1, 2, 3, 4, 5), ((1, 3), (3, 4)))
+    reply = client.generate(prompt, "salt")
+    assert (reply.rid, reply.cached_tokens) == ("rid", 4)
+    client.generate(prompt, "salt", 0.0)
+    plain, blended = (body for _, body in sent)
+    assert sent[0][0] == "http://server/generate" and "kv_hints" not in plain
+    assert plain["input_ids"] == [1, 2, 3, 4, 5] and plain["cache_salt"] == "salt"
+    assert plain["sampling_params"] == {"temperature": 0, "max_new_tokens": 1}
+    payload = blended["kv_hints"]["actions"][0]["payload"]
+    assert payload == {"spans": [[1, 3], [3, 4]], "recompute_ratio": 0.0}
 
 
 def test_arguments_defaults_and_checks():
