@@ -32,7 +32,13 @@ from typing import Any
 from tqdm import tqdm
 
 from sglang_cacheblend.config import BlendConfig
-from sglang_cacheblend.eval.dataset import DEFAULT_DATA_PATH, build_prompt, load_items, tokenize_prompt
+from sglang_cacheblend.eval.dataset import (
+    DEFAULT_DATA_PATH,
+    build_prompt,
+    encoder,
+    load_items,
+    tokenize_prompt,
+)
 from sglang_cacheblend.eval.metrics import (
     best_f1,
     gap_recovered,
@@ -206,7 +212,7 @@ def run(args: argparse.Namespace, server_args: list[str], command: str) -> int:
     )
     model_path = ensure_model()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    encode = encoder(tokenizer)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     if args.url:
         rows = evaluate(args.url, config, decode, encode)

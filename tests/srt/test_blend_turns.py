@@ -41,10 +41,7 @@ def _generate(server, input_ids, spans, salt: str, *, ratio: float | None = None
         **extra,
     }
     if spans is not None:
-        hints = chunk_hints(spans)
-        if ratio is not None:
-            hints["actions"][0]["payload"]["recompute_ratio"] = ratio
-        body["kv_hints"] = hints
+        body["kv_hints"] = chunk_hints(spans, recompute_ratio=ratio)
     response = requests.post(server.base_url + "/generate", json=body, timeout=900)
     assert response.status_code == 200, response.text
     return response.json()

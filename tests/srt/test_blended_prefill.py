@@ -62,10 +62,7 @@ def _generate(server, prompt: RagPrompt, salt: str, ratio: float | None, blend: 
         "cache_salt": salt,
     }
     if blend:
-        hints = chunk_hints(prompt.spans)
-        if ratio is not None:
-            hints["actions"][0]["payload"]["recompute_ratio"] = ratio
-        body["kv_hints"] = hints
+        body["kv_hints"] = chunk_hints(prompt.spans, recompute_ratio=ratio)
     response = requests.post(server.base_url + "/generate", json=body, timeout=600)
     response.raise_for_status()
     out = response.json()

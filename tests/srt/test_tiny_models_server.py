@@ -102,9 +102,7 @@ def _generate(server, prompt: ChunkedPrompt, salt: str, ratio: float | None) -> 
             "top_logprobs_num": 5,
             "sampling_params": {"temperature": 0, "max_new_tokens": 4}}
     if ratio is not None:
-        hints = chunk_hints(prompt.spans)
-        hints["actions"][0]["payload"]["recompute_ratio"] = ratio
-        body["kv_hints"] = hints
+        body["kv_hints"] = chunk_hints(prompt.spans, recompute_ratio=ratio)
     return _post(server, body)
 
 
