@@ -20,7 +20,8 @@ __all__ = ["HFLlamaOps"]
 
 
 class HFLlamaOps:
-    """Adapter from a transformers Llama-family causal LM to ``DecoderOps``."""
+    """Adapter from a transformers Llama-family causal LM (Llama, Mistral, Qwen2, Qwen3) to
+    ``DecoderOps``."""
 
     def __init__(self, model: Any) -> None:
         config = model.config
@@ -47,6 +48,8 @@ class HFLlamaOps:
         q = attn.q_proj(x).view(n, self.num_q_heads, self.head_dim)
         k = attn.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = attn.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm of q and k, before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
         return self._rope(q, positions), self._rope(k, positions), v
 
     @torch.no_grad()

@@ -1,6 +1,6 @@
 """The blended extend on other Llama-family architectures, served by a real SGLang server.
 
-Tiny random Qwen2 and Mistral checkpoints (4 layers, SmolLM2's tokenizer and vocabulary, float32)
+Tiny random Qwen2, Mistral and Qwen3 checkpoints (4 layers, SmolLM2's tokenizer and vocabulary, float32)
 are written to a temp dir and served with ``--enable-cacheblend``. In float32 the server's
 blended prefill can be held to the transformers reference of the same weights
 (:mod:`sglang_cacheblend.blend.offline`) to a tight tolerance:
@@ -27,7 +27,7 @@ from sglang_cacheblend.eval.dataset import build_prompt, load_items, tokenize_pr
 from tests.conftest import free_port
 
 SAMPLE = Path(__file__).parent.parent / "data" / "musique_sample.json"
-ARCHS = ("qwen2", "mistral")
+ARCHS = ("qwen2", "mistral", "qwen3")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
@@ -43,6 +43,9 @@ def _tiny_checkpoint(arch: str, out: Path, tokenizer_dir: Path) -> Path:
     if arch == "qwen2":
         config = transformers.Qwen2Config(**common, rope_theta=1e6)
         model = transformers.Qwen2ForCausalLM(config)
+    elif arch == "qwen3":
+        config = transformers.Qwen3Config(**common, head_dim=16, rope_theta=1e6)
+        model = transformers.Qwen3ForCausalLM(config)
     else:
         config = transformers.MistralConfig(**common, rope_theta=1e4, sliding_window=None)
         model = transformers.MistralForCausalLM(config)
