@@ -109,13 +109,18 @@ class TeacherForcer:
         latency = out["meta_info"].get("e2e_latency", 0.0)
         return Reference(answer, tuple(sorted(support)), float(latency))
 
-    def score(self, prompt: ChunkedPrompt, reference: Reference, mode: Mode) -> Scored:
-        """Serve ``prompt`` as ``mode`` would, then teacher-force the reference on its KV."""
+    def score(self, prompt: ChunkedPrompt, reference: Reference, mode: Mode, *,
+              own_answer: bool = True) -> Scored:
+        """Serve ``prompt`` as ``mode`` would, then teacher-force the reference on its KV.
+
+        ``own_answer=False`` generates a single token in request 1 (the KV is the same; the
+        mode's greedy answer is then just that token).
+        """
         first = None
         if mode.blend:  # full prefill's own answer and KV are the reference's
-            first = self._generate(
-                prompt.input_ids, mode, prompt.spans, max_new_tokens=len(reference.answer_ids),
-            )
+            new_tokens = len(reference.answer_ids) if own_answer else 1
+            first = self._generate(prompt.input_ids, mode, prompt.spans,
+                                   max_new_tokens=new_tokens)
         n = len(prompt.input_ids)
         forced = self._generate(
             [*prompt.input_ids, *reference.answer_ids], mode, prompt.spans,
