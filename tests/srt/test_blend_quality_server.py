@@ -59,10 +59,3 @@ def fidelity(server, model_path):
 def test_blend_at_15_percent_has_lower_kl_to_full_prefill_than_reuse(fidelity):
     kl, _ = fidelity
     assert kl[BLEND_15.name] < 0.9 * kl[REUSE.name], kl
-
-
-def test_blend_at_15_percent_gives_the_full_prefill_answer_a_higher_logprob(fidelity):
-    _, logprob = fidelity
-    gap = logprob[FULL.name] - logprob[REUSE.name]
-    assert gap > 0, logprob
-    assert logprob[BLEND_15.name] > logprob[REUSE.name] + 0.1 * gap, logprob
