@@ -10,7 +10,6 @@ Modules, by job:
     ``quality``   the ``sglang-cacheblend eval`` runner: every mode on every item, report, plots
     ``bench``     TTFT and throughput against a real server (``sglang-cacheblend bench``), with
                   ``load`` (HTTP client, closed and Poisson load loops) and ``bench_report``
-    ``selector_sweep``  offline (transformers) sweep of selectors x budgets, teacher-forced KL
 
 Importing this package is cheap: submodules are imported where they are used.
 """
