@@ -12,11 +12,16 @@ RoPE realignment (:mod:`.rope`, :mod:`.rotary`)
 
 HKVD selection (:mod:`.base`, :mod:`.budget`, ``rules/``, :mod:`.registry`)
     ``SelectionInputs(fresh_k, fresh_v, cached_k, cached_v, reuse_mask, suffix_q=None,
-    positions=None)``: K/V ``(num_rows, num_kv_heads, head_dim)`` of one request at one layer,
-    cached K realigned, ``reuse_mask (num_rows,)`` bool. A ``Selector.score(inputs)`` returns
+    positions=None, context_k=None)``: K/V ``(num_rows, num_kv_heads, head_dim)`` of one request
+    at one layer, cached K realigned, ``reuse_mask (num_rows,)`` bool; ``suffix_q`` the queries
+    of the suffix (the rows after the last reused row: the question), which are the last rows;
+    ``context_k`` the keys the suffix sees outside the rows. A ``Selector.score(inputs)`` returns
     ``(num_rows,)`` float32; ``select_top_rows`` keeps ``selection_budget(ratio, n, min)``
     reused rows (round half up, see :mod:`.budget`) plus every non-reused row, ties to the earlier
-    position, returned as sorted int64 row indices.
+    position, returned as sorted int64 row indices. Rules: ``v_deviation`` (the paper's, and the
+    default), ``k_deviation`` (LMCache), ``question_attention[_cached]``,
+    ``attention_x_v_deviation``, ``attention_plus_k_deviation``, ``question_output_error``;
+    measured against each other in ``docs/results/selector_sweep.md``.
 
 Per-request plan (:mod:`.plan`)
     ``BlendPlan(config, reuse_mask, num_layers)``: ``rows(layer)`` are the int64 row indices to

@@ -2,8 +2,9 @@
 
 A selector scores the rows of ONE request at ONE layer; budget and top-k are applied by the
 caller (:func:`sglang_cacheblend.blend.budget.select_top_rows`), so a new rule is one ``score``
-method. New rules that need more data (e.g. question-to-chunk attention) widen
-:class:`SelectionInputs` with optional fields; existing selectors keep working.
+method. Rules that need more data than K/V (question attention reads the suffix's queries and
+the keys outside the rows) get it through optional fields of :class:`SelectionInputs`, and
+raise ``ValueError`` when a field they need is missing; the deviation rules ignore them.
 """
 
 from __future__ import annotations
@@ -50,12 +51,24 @@ class SelectionInputs:
         Shape ``(num_rows,)``, bool. True where the row has cached KV and may take it; False rows
         (missed chunks, the suffix/question) are always recomputed.
     suffix_q : torch.Tensor, optional
-        Shape ``(num_suffix, num_q_heads, head_dim)``, same dtype; the query rows of the suffix
-        (question) at this layer, after RoPE, for rules that score by question attention.
-        ``num_q_heads`` is a multiple of ``num_kv_heads``.
+        Shape ``(num_suffix, num_q_heads, head_dim)``, same dtype and device; the queries, after
+        RoPE, of the **suffix**: the request's rows after its last reused row (the question and
+        the chat template's tail), which have no cached KV and are computed at every layer. They
+        are always the *last* ``num_suffix`` rows of these inputs (rows are in position order
+        and never-reused rows are never dropped), so a rule finds their keys in ``fresh_k[-S:]``.
+        ``num_q_heads`` is a multiple of ``num_kv_heads`` (query head ``h`` reads KV head
+        ``h // (num_q_heads // num_kv_heads)``). Read by the question-attention rules.
     positions : torch.Tensor, optional
         Shape ``(num_rows,)``, int32/int64, absolute positions of the rows in the prompt. Used
-        to break ties (earlier first) and by position-aware rules.
+        to break ties (earlier first), for the causal mask among suffix rows, and by
+        position-aware rules.
+    context_k : torch.Tensor, optional
+        Shape ``(num_context, num_kv_heads, head_dim)``, same dtype and device: the keys at this
+        layer of every position the suffix sees that is *not* one of these rows (a cached
+        prefix; reused rows not computed at this layer, holding their cached KV), in any order.
+        All of them precede every suffix row. Only the softmax denominator of question
+        attention reads them, so the attention a row receives is its share of the suffix's
+        real attention, not of a renormalised subset. Default: no such keys.
     """
 
     fresh_k: torch.Tensor
@@ -65,6 +78,7 @@ class SelectionInputs:
     reuse_mask: torch.Tensor
     suffix_q: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    context_k: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         _check_kv("fresh_k", self.fresh_k, None)
@@ -82,10 +96,26 @@ class SelectionInputs:
             raise ValueError(f"reuse_mask must be a bool tensor of shape {shape[:1]}")
         if self.suffix_q is not None:
             q = self.suffix_q
-            if q.dim() != 3 or q.shape[2] != shape[2] or q.shape[1] % shape[1] != 0:
+            if (
+                q.dim() != 3
+                or q.shape[2] != shape[2]
+                or q.shape[1] % shape[1] != 0
+                or q.shape[0] > shape[0]
+            ):
                 raise ValueError(
-                    "suffix_q must have shape (num_suffix, num_q_heads, head_dim) with head_dim "
-                    f"{shape[2]} and num_q_heads a multiple of {shape[1]}, got {tuple(q.shape)}"
+                    "suffix_q must have shape (num_suffix, num_q_heads, head_dim) with "
+                    f"num_suffix <= {shape[0]}, head_dim {shape[2]} and num_q_heads a multiple "
+                    f"of {shape[1]}, got {tuple(q.shape)}"
+                )
+            if q.dtype not in _FLOAT_DTYPES or q.device != self.fresh_k.device:
+                raise ValueError(f"suffix_q must be a float tensor on {self.fresh_k.device}")
+        if self.context_k is not None:
+            _check_kv("context_k", self.context_k, None)
+            ctx = self.context_k
+            if ctx.shape[1:] != shape[1:] or ctx.device != self.fresh_k.device:
+                raise ValueError(
+                    f"context_k must have shape (num_context, {shape[1]}, {shape[2]}) on "
+                    f"{self.fresh_k.device}, got {tuple(self.context_k.shape)}"
                 )
         if self.positions is not None:
             p = self.positions
@@ -97,15 +127,23 @@ class SelectionInputs:
         """Number of rows (``num_rows``)."""
         return self.fresh_k.shape[0]
 
+    @property
+    def num_suffix(self) -> int:
+        """Number of suffix rows (``num_suffix``; 0 when ``suffix_q`` is None)."""
+        return 0 if self.suffix_q is None else self.suffix_q.shape[0]
+
 
 class Selector(ABC):
     """A rule that scores a request's rows by how much their cached KV would hurt.
 
     Subclasses set :attr:`name` (the key in the registry and in ``BlendConfig.selector``) and
-    implement :meth:`score`. Selectors hold no per-request state.
+    implement :meth:`score`. Selectors hold no per-request state. A rule that reads
+    ``suffix_q``/``context_k`` sets :attr:`reads_suffix`, so callers gather those (a pass over
+    the request's stored keys) only for the rules that use them.
     """
 
     name: ClassVar[str]
+    reads_suffix: ClassVar[bool] = False
 
     @abstractmethod
     def score(self, inputs: SelectionInputs) -> torch.Tensor:

@@ -6,7 +6,8 @@ quality reference) and, through an adapter, over SGLang's layers. Per layer::
 
     rows = plan.rows(layer)                      all rows through the check layer, then HKVD rows
     x = norm_in(hidden[rows]); q, k, v = qkv(x, positions[rows])      k after RoPE
-    if selection layer: plan.update(layer, fresh k/v vs cached k/v of rows)
+    if selection layer: plan.update(layer, fresh vs cached k/v of rows, the suffix's q,
+                                    the keys outside rows)
     k_store[layer][rows], v_store[layer][rows] = k, v              other rows keep cached KV
     hidden[rows] += o_proj(attention(q, k_store[layer], v_store[layer]))   exact causal mask
     hidden[rows] += mlp(norm_post(hidden[rows]))
@@ -27,7 +28,7 @@ anything.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -37,8 +38,9 @@ from sglang_cacheblend.blend.plan import BlendPlan
 from sglang_cacheblend.config import BlendConfig
 
 __all__ = [
-    "BlendResult", "DecoderDims", "DecoderOps", "KVStore", "TensorKVStore", "blend_layers", "blended_prefill",
-    "extend", "full_prefill",
+    "BlendResult", "DecoderDims", "DecoderOps", "Extension", "KVStore", "TensorKVStore",
+    "blend_layers", "blended_prefill", "extend", "extend_with_kv", "full_prefill",
+    "suffix_length",
 ]
 
 
@@ -143,6 +145,17 @@ class BlendResult:
     full_rows: int
 
 
+def suffix_length(reuse_mask: torch.Tensor) -> int:
+    """Length of the suffix: the rows after the last reused row (all rows if none is reused).
+
+    The suffix is the question (and the chat template's tail): never cached, computed at every
+    layer, and the rows whose queries the question-attention selectors read.
+    """
+    reused = torch.nonzero(reuse_mask).flatten()
+    n = reuse_mask.shape[0]
+    return n if reused.numel() == 0 else n - 1 - int(reused[-1])
+
+
 def blend_layers(
     model: DecoderOps,
     hidden: torch.Tensor,
@@ -157,6 +170,10 @@ def blend_layers(
     (rows never recomputed keep their last value); ``positions`` ``(N,)`` are their absolute
     positions, the last ``N`` of ``0..kv.kv_len-1``; ``kv`` holds cached K/V for reused rows and
     receives the fresh K/V of recomputed rows. Returns the finished plan (its cost counters).
+
+    For rules that read them, every selection step hands the selector the suffix's queries
+    (:func:`suffix_length`) and the keys outside the step's rows (``context_k``), so
+    question-attention rules see the suffix's real softmax.
     """
     n = hidden.shape[0]
     if positions.shape != (n,) or reuse_mask.shape != (n,):
@@ -167,6 +184,7 @@ def blend_layers(
     if bool(reuse_mask[-1]):
         raise ValueError("the last row must not be reused: its logits feed sampling")
     plan = BlendPlan(config, reuse_mask, model.num_layers)
+    num_suffix = suffix_length(reuse_mask)
     cu_k = torch.tensor([0, kv.kv_len], dtype=torch.int64)
     attention: ScatteredAttention | None = None
     planned_rows: torch.Tensor | None = None
@@ -182,15 +200,46 @@ def blend_layers(
         x = hidden[rows]
         q, k, v = model.qkv(layer, x, positions[rows])
         if plan.is_selection_layer(layer):
-            cached_k, cached_v = kv.cached(layer, rows)
-            plan.update(layer, SelectionInputs(
-                fresh_k=k, fresh_v=v, cached_k=cached_k, cached_v=cached_v,
-                reuse_mask=reuse_mask[rows], positions=positions[rows],
-            ))
+            plan.update(layer, _selection_inputs(
+                layer, rows, q, k, v, positions, reuse_mask, kv,
+                num_suffix if plan.reads_suffix else None))
         kv.write(layer, rows, k, v)
         x = x + model.attn_out(layer, attention.run(q, *kv.keys_values(layer)))
         hidden[rows] = x + model.mlp(layer, x)
     return plan
+
+
+def _selection_inputs(
+    layer: int,
+    rows: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    reuse_mask: torch.Tensor,
+    kv: KVStore,
+    num_suffix: int | None,
+) -> SelectionInputs:
+    """What the selector sees at a selection layer, read before the fresh K/V are written.
+
+    With ``num_suffix`` (only for rules that read it, :attr:`.base.Selector.reads_suffix`): the
+    suffix rows are the last ``num_suffix`` of ``rows`` (never-reused rows are in every row set),
+    and ``context_k`` is every stored key whose position is not one of ``rows``: a cached prefix
+    and the reused rows this layer does not compute (their cached, realigned K); all of them
+    precede the suffix.
+    """
+    cached_k, cached_v = kv.cached(layer, rows)
+    suffix_q = context_k = None
+    if num_suffix is not None:
+        all_k = kv.keys_values(layer)[0]
+        outside = torch.ones(all_k.shape[0], dtype=torch.bool, device=all_k.device)
+        outside[positions[rows].to(all_k.device)] = False
+        suffix_q, context_k = q[q.shape[0] - num_suffix:], all_k[outside]
+    return SelectionInputs(
+        fresh_k=k, fresh_v=v, cached_k=cached_k, cached_v=cached_v,
+        reuse_mask=reuse_mask[rows], suffix_q=suffix_q, positions=positions[rows],
+        context_k=context_k,
+    )
 
 
 def blended_prefill(
@@ -244,6 +293,15 @@ def full_prefill(model: DecoderOps, input_ids: torch.Tensor, positions: torch.Te
     )
 
 
+class Extension(NamedTuple):
+    """Output of :func:`extend_with_kv`: ``(M, V)`` float32 logits and the new tokens' K/V,
+    ``(L, M, Hkv, D)`` (append them to the prefix to go on decoding)."""
+
+    logits: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+
 def extend(model: DecoderOps, k_prefix: torch.Tensor, v_prefix: torch.Tensor,
            input_ids: torch.Tensor) -> torch.Tensor:
     """Run new tokens after a fixed KV prefix (decode, or teacher forcing) and return logits.
@@ -254,6 +312,13 @@ def extend(model: DecoderOps, k_prefix: torch.Tensor, v_prefix: torch.Tensor,
     Scoring a continuation this way keeps it out of the blend's view: the selection was made on
     the prompt alone, exactly as at generation time.
     """
+    return extend_with_kv(model, k_prefix, v_prefix, input_ids).logits
+
+
+def extend_with_kv(model: DecoderOps, k_prefix: torch.Tensor, v_prefix: torch.Tensor,
+                   input_ids: torch.Tensor) -> Extension:
+    """:func:`extend` that also returns the new tokens' K/V, so greedy decoding can append them
+    and run one token per step instead of the whole continuation again."""
     prefix_len, m = k_prefix.shape[1], input_ids.numel()
     positions = torch.arange(prefix_len, prefix_len + m)
     attention = ScatteredAttention(
@@ -262,10 +327,13 @@ def extend(model: DecoderOps, k_prefix: torch.Tensor, v_prefix: torch.Tensor,
         head_dim=model.head_dim, dtype=k_prefix.dtype, device=k_prefix.device,
     )
     hidden = model.embed(input_ids)
+    new_k, new_v = [], []
     for layer in range(model.num_layers):
         q, k, v = model.qkv(layer, hidden, positions)
+        new_k.append(k)
+        new_v.append(v)
         keys = torch.cat([k_prefix[layer], k])
         values = torch.cat([v_prefix[layer], v])
         x = hidden + model.attn_out(layer, attention.run(q, keys, values))
         hidden = x + model.mlp(layer, x)
-    return model.logits(hidden)
+    return Extension(model.logits(hidden), torch.stack(new_k), torch.stack(new_v))

@@ -77,6 +77,11 @@ class BlendPlan:
         self._segments: list[tuple[int, torch.Tensor]] = [(0, all_rows)]
 
     @property
+    def reads_suffix(self) -> bool:
+        """True if the selector reads ``suffix_q``/``context_k`` (question-attention rules)."""
+        return self._selector.reads_suffix
+
+    @property
     def decided_through(self) -> int:
         """Last layer whose rows are known (before the next :meth:`update`)."""
         if self._next_step < len(self._steps):

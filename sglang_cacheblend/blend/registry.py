@@ -9,7 +9,16 @@ from __future__ import annotations
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from sglang_cacheblend.blend.rules.attention_deviation import (
+    AttentionKDeviationRankSum,
+    AttentionVDeviationProduct,
+)
 from sglang_cacheblend.blend.rules.k_deviation import KDeviationSelector
+from sglang_cacheblend.blend.rules.question_attention import (
+    QuestionAttentionCachedSelector,
+    QuestionAttentionSelector,
+)
+from sglang_cacheblend.blend.rules.question_output_error import QuestionOutputErrorSelector
 from sglang_cacheblend.blend.rules.v_deviation import VDeviationSelector
 
 if TYPE_CHECKING:
@@ -20,7 +29,18 @@ if TYPE_CHECKING:
 __all__ = ["SELECTORS", "build_selector", "selector_names"]
 
 SELECTORS: Mapping[str, type[Selector]] = MappingProxyType(
-    {cls.name: cls for cls in (VDeviationSelector, KDeviationSelector)}
+    {
+        cls.name: cls
+        for cls in (
+            VDeviationSelector,
+            KDeviationSelector,
+            QuestionAttentionSelector,
+            QuestionAttentionCachedSelector,
+            AttentionVDeviationProduct,
+            AttentionKDeviationRankSum,
+            QuestionOutputErrorSelector,
+        )
+    }
 )
 
 

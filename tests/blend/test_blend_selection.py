@@ -162,7 +162,15 @@ def test_v_rule_reads_only_v_and_k_rule_only_k():
 
 
 def test_registry():
-    assert set(SELECTORS) == {"v_deviation", "k_deviation"}
+    assert set(SELECTORS) == {
+        "v_deviation",
+        "k_deviation",
+        "question_attention",
+        "question_attention_cached",
+        "attention_x_v_deviation",
+        "attention_plus_k_deviation",
+        "question_output_error",
+    }
     for name, cls in SELECTORS.items():
         assert issubclass(cls, Selector) and cls.name == name
         assert isinstance(build_selector(name), cls)

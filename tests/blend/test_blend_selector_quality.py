@@ -1,0 +1,108 @@
+"""The default selector against the alternatives on real passages with the embedded model.
+
+On 5 held-out musique items (``tests/data/musique_5.json``, not among the sweep items that
+chose the default) the default ``BlendConfig`` (V deviation at layer 1, 15%) must close more of
+the reuse-to-full-prefill KL gap than question attention at the same 15% budget: the sweep
+(``docs/results/selector_sweep.md``) found V deviation the best single-check rule at 15% on this
+model, and question attention (the rule ``DESIGN.md`` expected to win) clearly worse. KL is
+measured as in the sweep: mean KL(full || mode) over the full prefill's greedy continuation,
+teacher-forced on the KV the prompt alone produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sglang_cacheblend.blend.forward import extend, extend_with_kv, full_prefill
+from sglang_cacheblend.blend.hf_llama import HFLlamaOps
+from sglang_cacheblend.blend.offline import blend_prompt, chunk_kv, run_blend
+from sglang_cacheblend.config import BlendConfig
+
+DATA = Path(__file__).parent.parent / "data" / "musique_5.json"
+PASSAGES = 3
+PASSAGE_CHARS = 1500  # ~330 tokens each: a ~1k-token prompt keeps the test short
+TOKENS = 16
+
+# Measured with this test's own code on these 5 items (3 passages cut to PASSAGE_CHARS, 16
+# tokens, fp32; the test prints them): the share of the KL gap the default and question
+# attention recover at 15%. The margin asserted is half the measured difference: the test fails
+# if the advantage shrinks by more than half, not on noise-level drift. Per-item KL (reuse,
+# default, question attention): item 40 .0247 .0105 .0130; 41 .1125 .0575 .0964; 42 .0205 .0149
+# .0132; 43 .1043 .0794 .0764; 44 .0190 .0172 .0163. Question attention is slightly ahead on 3
+# of the 5 items; the default leads on average, carried by item 41.
+MEASURED_GAP_DEFAULT = 0.361
+MEASURED_GAP_QUESTION_ATTENTION = 0.233
+
+
+def _greedy(ops, k, v, first_logits, tokens: int, stop: int) -> list[int]:
+    out = [int(first_logits.argmax())]
+    fed = 0
+    while len(out) < tokens and out[-1] != stop:
+        step = extend_with_kv(ops, k, v, torch.tensor(out[fed:]))
+        k, v = torch.cat([k, step.k], dim=1), torch.cat([v, step.v], dim=1)
+        fed = len(out)
+        out.append(int(step.logits[-1].argmax()))
+    return out
+
+
+def _logprobs(ops, result, continuation: list[int]) -> torch.Tensor:
+    logits = torch.cat([result.logits[None], extend(ops, result.k, result.v,
+                                                    torch.tensor(continuation[:-1]))])
+    return logits.double().log_softmax(-1)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for this test: on a shared 2-core machine two threads spin against the
+    other work (measured 700 s for this test with two threads, 144 s with one, load ~5)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_default_selector_beats_question_attention_at_15_percent(model_path, one_thread):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    ops = HFLlamaOps(model)
+
+    def encode(text: str) -> torch.Tensor:
+        return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
+
+    sink = torch.tensor([tokenizer.bos_token_id])  # the server's sink (chunks.sink_ids)
+    prefix = encode("<|im_start|>system\nAnswer the question from the passages.<|im_end|>\n"
+                    "<|im_start|>user\n")
+    prefix_kv = full_prefill(ops, prefix, torch.arange(prefix.numel()), torch.float32)
+    default = BlendConfig()
+    assert default.recompute_ratio == 0.15
+    modes = {
+        "reuse": BlendConfig(recompute_ratio=0.0),
+        "default": default,
+        "question_attention": dataclasses.replace(default, selector="question_attention"),
+    }
+    kl: dict[str, list[float]] = {name: [] for name in modes}
+    for item in json.loads(DATA.read_text()):
+        chunks = [chunk_kv(ops, sink, encode(c["text"][:PASSAGE_CHARS] + "\n\n"), torch.float32)
+                  for c in item["ctxs"][:PASSAGES]]
+        suffix = encode(f"Question: {item['question']}<|im_end|>\n<|im_start|>assistant\n")
+        prompt = blend_prompt(ops, ops.rotary, prefix_kv, prefix, chunks, suffix, torch.float32)
+        full = run_blend(ops, prompt, BlendConfig(recompute_ratio=1.0))
+        continuation = _greedy(ops, full.k, full.v, full.logits, TOKENS, tokenizer.eos_token_id)
+        p = _logprobs(ops, full, continuation)
+        for name, config in modes.items():
+            q = _logprobs(ops, run_blend(ops, prompt, config), continuation)
+            kl[name].append(float((p.exp() * (p - q)).sum(-1).mean()))
+    mean = {name: sum(v) / len(v) for name, v in kl.items()}
+    gap = {name: 1 - mean[name] / mean["reuse"] for name in modes}
+    print(f"per-item KL {kl}\nmean KL {mean}\ngap recovered {gap}")
+    assert mean["reuse"] > 1e-3, mean  # there is a gap to close
+    margin = (MEASURED_GAP_DEFAULT - MEASURED_GAP_QUESTION_ATTENTION) / 2
+    assert margin > 0
+    assert gap["default"] > gap["question_attention"] + margin, gap
