@@ -30,19 +30,26 @@ from sglang_cacheblend.blend.hf_llama import HFLlamaOps
 from sglang_cacheblend.blend.forward import full_prefill
 from sglang_cacheblend.blend.offline import blend_prompt, chunk_kv, run_blend
 from sglang_cacheblend.config import BlendConfig
+from sglang_cacheblend.launch import cpu_dtype, has_cuda
 from sglang_cacheblend.models import ensure_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cacheblend_inputs" / "musique_dev.json"
 
 
-def setup(data: Path, item_index: int, passages: int):
-    """SmolLM2 (bf16, SDPA), its ``DecoderOps`` and the laid-out blended prompt of one item."""
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """``--dtype``, by default the one ``sglang-cacheblend serve`` runs the model in here."""
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        default="bfloat16" if has_cuda() else cpu_dtype())
+
+
+def setup(data: Path, item_index: int, passages: int, dtype: torch.dtype):
+    """SmolLM2 (``dtype``, SDPA), its ``DecoderOps`` and the laid-out blended prompt of one item."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = ensure_model()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
                                                  attn_implementation="sdpa").eval()
     ops = HFLlamaOps(model)
     item = json.loads(data.read_text())[item_index]
@@ -54,10 +61,10 @@ def setup(data: Path, item_index: int, passages: int):
     prefix = encode("<|im_start|>system\nAnswer the question from the passages.<|im_end|>\n"
                     "<|im_start|>user\n")
     suffix = encode(f"Question: {item['question']}<|im_end|>\n<|im_start|>assistant\n")
-    chunks = [chunk_kv(ops, sink, encode(c["text"] + "\n\n"), torch.bfloat16)
+    chunks = [chunk_kv(ops, sink, encode(c["text"] + "\n\n"), dtype)
               for c in item["ctxs"][: passages]]
-    prefix_kv = full_prefill(ops, prefix, torch.arange(prefix.numel()), torch.bfloat16)
-    prompt = blend_prompt(ops, ops.rotary, prefix_kv, prefix, chunks, suffix, torch.bfloat16)
+    prefix_kv = full_prefill(ops, prefix, torch.arange(prefix.numel()), dtype)
+    prompt = blend_prompt(ops, ops.rotary, prefix_kv, prefix, chunks, suffix, dtype)
     return model, ops, prompt
 
 
@@ -69,11 +76,13 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.15, 0.3])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    add_dtype_argument(parser)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, ops, prompt = setup(args.data, args.item, args.passages)
+    model, ops, prompt = setup(args.data, args.item, args.passages,
+                                getattr(torch, args.dtype))
     n = prompt.input_ids.numel()
 
     def dense() -> None:
@@ -102,7 +111,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
     meta = {"tokens": n, "passages": args.passages, "item": args.item, "reps": args.reps,
-            "threads": args.threads, "dtype": "bfloat16", "torch": torch.__version__,
+            "threads": args.threads, "dtype": args.dtype, "torch": torch.__version__,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
             "load_avg": list(__import__("os").getloadavg()), "commit": commit}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -111,9 +120,9 @@ def main() -> None:
     lines = [
         "# Blended prefill vs dense prefill (plain torch, SmolLM2-135M, CPU)", "",
         f"Command: `python benchmarks/bench_blended_forward.py --passages {args.passages} "
-        f"--reps {args.reps}`  ",
+        f"--reps {args.reps} --dtype {args.dtype}`  ",
         f"Prompt: {n} tokens (instruction + {args.passages} musique_dev passages of item "
-        f"{args.item} + question); bf16; {args.threads} threads; commit {commit}; load average "
+        f"{args.item} + question); {args.dtype}; {args.threads} threads; commit {commit}; load average "
         f"{meta['load_avg']}.", "",
         "| mode | min s | median s | max s | speedup vs dense (median) |", "|---|---|---|---|---|",
     ]

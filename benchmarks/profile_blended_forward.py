@@ -13,7 +13,7 @@ as ``bench_blended_forward.py``), after a warm-up. Operators are grouped by thei
 
 The chunk KV realignment (RoPE rotation of cached keys) happens before ``blended_prefill`` in
 this offline path; on the server it is part of the request's forward
-(``PoolKVStore.seed_chunk``), so it is timed separately here and added as its own line.
+(``PoolKVStore.seed_chunks``), so it is timed separately here and added as its own line.
 
 Writes ``docs/results/blend_profile.{json,md}``. Usage::
 
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_blended_forward import DEFAULT_DATA, ROOT, setup
+from bench_blended_forward import DEFAULT_DATA, ROOT, add_dtype_argument, setup
 from sglang_cacheblend.blend.offline import run_blend
 from sglang_cacheblend.blend.rope import realign_keys
 from sglang_cacheblend.config import BlendConfig
@@ -77,10 +77,12 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=6)
     parser.add_argument("--ratio", type=float, default=0.15)
     parser.add_argument("--threads", type=int, default=2)
+    add_dtype_argument(parser)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, ops, prompt = setup(args.data, args.item, args.passages)
+    model, ops, prompt = setup(args.data, args.item, args.passages,
+                                getattr(torch, args.dtype))
     config = BlendConfig(recompute_ratio=args.ratio)
 
     def dense() -> None:
@@ -94,7 +96,7 @@ def main() -> None:
     flat = prompt.cached_k[:, reused].reshape(-1, ops.num_kv_heads, ops.head_dim)
     positions = reused.repeat(ops.num_layers)
 
-    def realign() -> None:  # what the server's seed_chunk does per request (delta 100 here)
+    def realign() -> None:  # what the server's seed_chunks does per request (delta 100 here)
         realign_keys(flat, positions, positions + 100, ops.rotary)
 
     for fn in (dense, blend, realign):  # warm-up
@@ -104,7 +106,7 @@ def main() -> None:
                 ("chunk_realignment", realign))}
     n = prompt.input_ids.numel()
     payload = {"tokens": n, "passages": args.passages, "ratio": args.ratio,
-               "threads": args.threads, "load_avg": list(os.getloadavg()),
+               "threads": args.threads, "dtype": args.dtype, "load_avg": list(os.getloadavg()),
                "modes": {k: {"wall_s": w, "self_cpu_s": c} for k, (w, c) in results.items()}}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "blend_profile.json").write_text(json.dumps(payload, indent=2))
@@ -113,8 +115,8 @@ def main() -> None:
     lines = [
         f"# Where the time goes: dense prefill vs blend@{args.ratio:g} (plain torch, CPU)", "",
         f"Command: `python benchmarks/profile_blended_forward.py --passages {args.passages} "
-        f"--ratio {args.ratio}`  ",
-        f"Prompt: {n} tokens, SmolLM2-135M bf16, {args.threads} threads, load average "
+        f"--ratio {args.ratio} --dtype {args.dtype}`  ",
+        f"Prompt: {n} tokens, SmolLM2-135M {args.dtype}, {args.threads} threads, load average "
         f"{payload['load_avg']}. Self CPU seconds per operator group (torch.profiler); wall "
         "time of the profiled call in the last row.", "",
         "| operator group | dense SDPA | " + blend_name + " | realignment of all chunk keys |",

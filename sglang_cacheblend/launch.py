@@ -27,12 +27,15 @@ DEFAULT_PORT = 30000
 
 # Measured on the 2-core CPU machines (DESIGN.md): without --mem-fraction-static the CPU memory
 # estimate can go negative, and without --max-total-tokens the pool is sized from free RAM.
+# ``--dtype`` is chosen per CPU by :func:`cpu_dtype`. ``--sleep-on-idle``: an idle scheduler
+# otherwise polls its sockets in a busy loop, taking one of the two cores from every other
+# process (a client computing references, a benchmark's dense baseline).
 CPU_DEFAULTS: tuple[tuple[str, str | None], ...] = (
     ("--device", "cpu"),
     ("--attention-backend", "torch_native"),
     ("--sampling-backend", "pytorch"),
-    ("--dtype", "bfloat16"),
     ("--disable-cuda-graph", None),
+    ("--sleep-on-idle", None),
     ("--max-total-tokens", "40000"),
     ("--mem-fraction-static", "0.3"),
     ("--chunked-prefill-size", "-1"),
@@ -45,6 +48,29 @@ def has_cuda() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+# CPU flags under which torch runs bf16 matrix products natively.
+_NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_dtype(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The serving dtype on a CPU: bf16 only where the CPU multiplies bf16 natively.
+
+    Without AVX512-BF16 or AMX, torch's bf16 GEMM is emulated: on the 2-core EPYC (AVX2) dev
+    machine a 1216x576 @ 576x1536 product ran at 1.3 GFLOPS in bf16 and 54 GFLOPS in fp32, so
+    a bf16 server spent ~20 s prefilling 1.2k tokens of the 135M model. fp32 doubles the KV
+    pool's bytes, which the bounded ``--max-total-tokens`` keeps small.
+    """
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return "float32"
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return "bfloat16" if flags & _NATIVE_BF16_FLAGS else "float32"
 
 
 def _given(argv: list[str], flag: str) -> bool:
@@ -63,7 +89,7 @@ def serve_argv(user_args: list[str], *, model_path: Path | None = None) -> list[
     if not _given(argv, "--host"):
         argv += ["--host", DEFAULT_HOST]
     if not has_cuda():
-        for flag, value in CPU_DEFAULTS:
+        for flag, value in (*CPU_DEFAULTS, ("--dtype", cpu_dtype())):
             if not _given(argv, flag):
                 argv += [flag] if value is None else [flag, value]
     return argv

@@ -65,7 +65,7 @@ class QualityConfig:
     ratios: tuple[float, ...] = (0.05, 0.15, 0.3, 0.5)
     main_ratio: float = 0.15
     selectors: tuple[str, ...] = ("v_deviation", "k_deviation")
-    gradual_end_layer: int = 8
+    gradual_end_layer: int | None = 8  # None: no gradual mode
 
 
 def modes_for(config: QualityConfig) -> list[Mode]:
@@ -74,9 +74,10 @@ def modes_for(config: QualityConfig) -> list[Mode]:
     modes = [FULL, REUSE]
     modes += [Mode(f"blend@{ratio:g}", True, ratio) for ratio in config.ratios]
     modes += [Mode(f"{name}@{r:g}", True, r, selector=name) for name in config.selectors]
-    start = min(1.0, 2 * r)
-    schedule = BlendConfig.linear(start, r, 1, config.gradual_end_layer).gradual
-    modes.append(Mode(f"gradual {start:g}->{r:g}", True, r, gradual=schedule))
+    if config.gradual_end_layer is not None:
+        start = min(1.0, 2 * r)
+        schedule = BlendConfig.linear(start, r, 1, config.gradual_end_layer).gradual
+        modes.append(Mode(f"gradual {start:g}->{r:g}", True, r, gradual=schedule))
     return modes
 
 
@@ -191,8 +192,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="full prefill's top ids per position that distributions are compared on")
     parser.add_argument("--ratios", type=float, nargs="+", default=list(defaults.ratios))
     parser.add_argument("--main-ratio", type=float, default=defaults.main_ratio)
-    parser.add_argument("--selectors", nargs="+", default=list(defaults.selectors))
+    parser.add_argument("--selectors", nargs="*", default=list(defaults.selectors),
+                        help="selectors compared at --main-ratio (none: skip)")
     parser.add_argument("--gradual-end-layer", type=int, default=defaults.gradual_end_layer)
+    parser.add_argument("--no-gradual", action="store_true",
+                        help="skip the gradual-filtering mode")
     parser.add_argument("--url", help="a running --enable-cacheblend server (else one is started)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
 
@@ -208,7 +212,7 @@ def run(args: argparse.Namespace, server_args: list[str], command: str) -> int:
         data=args.data, start=args.start, items=args.items, passages=args.passages,
         max_new_tokens=args.max_new_tokens, top_k=args.top_k, ratios=tuple(args.ratios),
         main_ratio=args.main_ratio, selectors=tuple(args.selectors),
-        gradual_end_layer=args.gradual_end_layer,
+        gradual_end_layer=None if args.no_gradual else args.gradual_end_layer,
     )
     model_path = ensure_model()
     tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -7,7 +7,7 @@ SGLang's stock forward unchanged; an extend batch holding a blended request runs
 1. each missed chunk standalone (after the sink) into slots the cache allocated, then hands it to
    the chunk index, so the next request hits it;
 2. every chunk's KV (hit or just computed) copied into the request's own slots, K RoPE-realigned
-   to the chunk's place in this prompt (:meth:`PoolKVStore.seed_chunk`);
+   to the chunk's place in this prompt (:meth:`PoolKVStore.seed_chunks`);
 3. :func:`sglang_cacheblend.blend.forward.blend_layers` on SGLang's own modules and KV pool;
 
 then SGLang's logits processor, so sampling and decode are untouched. Each chunked request's
@@ -104,11 +104,7 @@ class BlendedExtendMixin:
             started = time.perf_counter()
             hits = [] if request is None else [*request.hits, *self._compute_misses(request)]
             standalone_s = time.perf_counter() - started
-            reuse_mask = torch.zeros(extend_len, dtype=torch.bool)
-            for hit in hits:
-                covered = store.seed_chunk(hit, self._blend_rotary)
-                if covered is not None:
-                    reuse_mask[covered[0]: covered[1]] = True
+            reuse_mask = store.seed_chunks(hits, self._blend_rotary)
             for miss in () if request is None else request.misses:
                 # Copied into this request's slots: the index may now own (or free) them.
                 self._blend_source.store_computed_chunk(forward_batch.rids[i], miss)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from sglang_cacheblend.blend.forward import DecoderDims
-from sglang_cacheblend.blend.rope import realign_keys
+from sglang_cacheblend.blend.rope import realign_keys_inplace
 from sglang_cacheblend.blend.rotary import RotaryConfig
 from sglang_cacheblend.srt.blend_requests import ChunkHit
 
@@ -98,24 +98,38 @@ class PoolKVStore:
         return self.pool.get_key_buffer(layer)[self.slots], self.pool.get_value_buffer(layer)[
             self.slots]
 
-    def seed_chunk(self, hit: ChunkHit, rotary: RotaryConfig) -> tuple[int, int] | None:
-        """Copy a chunk's KV into this request's slots, K realigned to the chunk's new positions.
+    def seed_chunks(self, hits: list[ChunkHit], rotary: RotaryConfig) -> torch.Tensor:
+        """Copy the chunks' KV into this request's slots, K realigned to their new positions.
 
-        Returns the covered new-row range ``(first, last + 1)``, or None when the radix prefix
-        already holds the whole span (exact KV beats reused KV). The chunk's own slots are only
-        read: cached chunk KV is never modified in place.
+        Returns the reuse mask over the new rows (True where a chunk's KV now sits). A span the
+        radix prefix already holds is skipped (exact KV beats reused KV). All chunks move
+        together, one gather, rotation and scatter per layer: per chunk and layer, the small
+        copies and rotations took a fifth of a blended prefill's time in the server. The
+        chunks' own slots are only read: cached chunk KV is never modified in place.
         """
-        start = max(hit.start, self.prefix_len)
-        if start >= hit.end:
-            return None
-        skip = start - hit.start
-        src = hit.kv_loc[skip:].to(self.slots.device)
-        dst = self.slots[start:hit.end]
-        old_positions = hit.positions[skip:]
-        new_positions = torch.arange(start, hit.end)
+        mask = torch.zeros(self.kv_len - self.prefix_len, dtype=torch.bool)
+        src, dst, old, new = [], [], [], []
+        for hit in hits:
+            start = max(hit.start, self.prefix_len)
+            if start >= hit.end:
+                continue
+            skip = start - hit.start
+            src.append(hit.kv_loc[skip:].to(self.slots.device))
+            dst.append(self.slots[start:hit.end])
+            old.append(hit.positions[skip:].to(torch.int64))
+            new.append(torch.arange(start, hit.end))
+            mask[start - self.prefix_len: hit.end - self.prefix_len] = True
+        if not src:
+            return mask
+        src_loc, dst_loc = torch.cat(src), torch.cat(dst)
+        old_pos, new_pos = torch.cat(old), torch.cat(new)
+        device = self.pool.get_key_buffer(0).device
+        old_pos, new_pos = old_pos.to(device), new_pos.to(device)
         for layer in range(self.ops.num_layers):
             k_buf = self.pool.get_key_buffer(layer)
             v_buf = self.pool.get_value_buffer(layer)
-            k_buf[dst] = realign_keys(k_buf[src], old_positions, new_positions, rotary)
-            v_buf[dst] = v_buf[src]
-        return start - self.prefix_len, hit.end - self.prefix_len
+            keys = k_buf[src_loc]  # a gathered copy: rotate it in place
+            realign_keys_inplace(keys, old_pos, new_pos, rotary)
+            k_buf[dst_loc] = keys
+            v_buf[dst_loc] = v_buf[src_loc]
+        return mask

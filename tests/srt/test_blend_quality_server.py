@@ -49,7 +49,8 @@ def fidelity(server, model_path):
             kl[mode.name].append(mean_coarse_kl(full.support_logprobs, scored.support_logprobs))
             logprob[mode.name].append(mean_over_positions(scored.token_logprobs))
         print(f"item {item.index}: KL reuse {kl[REUSE.name][-1]:.4f} "
-              f"blend@0.15 {kl[BLEND_15.name][-1]:.4f}", flush=True)
+              f"blend@0.15 {kl[BLEND_15.name][-1]:.4f}; answer logprob "
+              + " ".join(f"{k} {v[-1]:.3f}" for k, v in logprob.items()), flush=True)
     means = ({k: mean_over_positions(v) for k, v in kl.items()},
              {k: mean_over_positions(v) for k, v in logprob.items()})
     print(f"\n{len(kl[REUSE.name])} items: mean KL {means[0]}, mean logprob {means[1]}")
