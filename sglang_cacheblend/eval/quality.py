@@ -218,6 +218,7 @@ def run(args: argparse.Namespace, server_args: list[str], command: str) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     encode = encoder(tokenizer)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.url:
         rows = evaluate(args.url, config, decode, encode)
     else:
