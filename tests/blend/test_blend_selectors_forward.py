@@ -20,14 +20,7 @@ from sglang_cacheblend.blend.offline import run_blend
 from sglang_cacheblend.blend.registry import build_selector
 from sglang_cacheblend.config import BlendConfig
 from tests.blend.test_blend_forward import _chunked_prompt, _hf_last_logits, _tiny
-
-NEW_RULES = (
-    "question_attention",
-    "question_attention_cached",
-    "attention_x_v_deviation",
-    "attention_plus_k_deviation",
-    "question_output_error",
-)
+from tests.blend.test_blend_selectors import NEW_RULES
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
