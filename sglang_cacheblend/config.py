@@ -90,7 +90,7 @@ class BlendConfig:
 
     recompute_ratio: float = 0.15
     check_layer: int = 1
-    selector: str = "v_deviation"
+    selector: str = "question_lookahead"
     gradual: tuple[tuple[int, float], ...] = ()
     min_selected_tokens: int = 1
     min_reused_tokens: int = 256

@@ -69,6 +69,13 @@ class SelectionInputs:
         All of them precede every suffix row. Only the softmax denominator of question
         attention reads them, so the attention a row receives is its share of the suffix's
         real attention, not of a renormalised subset. Default: no such keys.
+    lookahead_mass : torch.Tensor, optional
+        Shape ``(num_layers, num_rows)``, float32, same device: row ``l`` is the attention mass
+        the suffix's queries (summed over suffix rows and query heads) put on each row at layer
+        ``l`` when the suffix alone is run ahead through the layers after this selection layer
+        on the KV as it stands (reused rows keep their cached KV). Rows of layers up to the
+        selection layer are zero. Filled by the forward loop only for rules that set
+        :attr:`Selector.reads_lookahead` (:mod:`sglang_cacheblend.blend.lookahead`).
     """
 
     fresh_k: torch.Tensor
@@ -79,6 +86,7 @@ class SelectionInputs:
     suffix_q: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     context_k: torch.Tensor | None = None
+    lookahead_mass: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         _check_kv("fresh_k", self.fresh_k, None)
@@ -117,6 +125,13 @@ class SelectionInputs:
                     f"context_k must have shape (num_context, {shape[1]}, {shape[2]}) on "
                     f"{self.fresh_k.device}, got {tuple(self.context_k.shape)}"
                 )
+        if self.lookahead_mass is not None:
+            m = self.lookahead_mass
+            if m.dim() != 2 or m.shape[1] != shape[0] or m.dtype != torch.float32:
+                raise ValueError(
+                    f"lookahead_mass must be float32 of shape (num_layers, {shape[0]}), got "
+                    f"{tuple(m.shape)} {m.dtype}"
+                )
         if self.positions is not None:
             p = self.positions
             if p.shape != shape[:1] or p.dtype not in (torch.int32, torch.int64):
@@ -139,11 +154,14 @@ class Selector(ABC):
     Subclasses set :attr:`name` (the key in the registry and in ``BlendConfig.selector``) and
     implement :meth:`score`. Selectors hold no per-request state. A rule that reads
     ``suffix_q``/``context_k`` sets :attr:`reads_suffix`, so callers gather those (a pass over
-    the request's stored keys) only for the rules that use them.
+    the request's stored keys) only for the rules that use them; likewise
+    :attr:`reads_lookahead` asks the forward loop to run the suffix ahead through the later
+    layers (:mod:`sglang_cacheblend.blend.lookahead`) and fill ``lookahead_mass``.
     """
 
     name: ClassVar[str]
     reads_suffix: ClassVar[bool] = False
+    reads_lookahead: ClassVar[bool] = False
 
     @abstractmethod
     def score(self, inputs: SelectionInputs) -> torch.Tensor:

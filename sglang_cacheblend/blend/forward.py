@@ -27,13 +27,15 @@ anything.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from sglang_cacheblend.blend.attention import ScatteredAttention
-from sglang_cacheblend.blend.base import SelectionInputs
+from sglang_cacheblend.blend.base import SelectionInputs, Selector
+from sglang_cacheblend.blend.lookahead import suffix_lookahead
 from sglang_cacheblend.blend.plan import BlendPlan
 from sglang_cacheblend.config import BlendConfig
 
@@ -163,6 +165,7 @@ def blend_layers(
     reuse_mask: torch.Tensor,
     kv: KVStore,
     config: BlendConfig,
+    selector: Selector | None = None,
 ) -> BlendPlan:
     """Run every decoder layer of one request, recomputing only the plan's rows after the check.
 
@@ -173,7 +176,10 @@ def blend_layers(
 
     For rules that read them, every selection step hands the selector the suffix's queries
     (:func:`suffix_length`) and the keys outside the step's rows (``context_k``), so
-    question-attention rules see the suffix's real softmax.
+    question-attention rules see the suffix's real softmax; lookahead rules also get the
+    suffix's attention in every later layer (:mod:`.lookahead`). A selection step scores the
+    layer's fresh K/V against the cached ones read before the write, and is applied after the
+    layer has run (it only decides the rows of later layers).
     """
     n = hidden.shape[0]
     if positions.shape != (n,) or reuse_mask.shape != (n,):
@@ -183,7 +189,7 @@ def blend_layers(
         )
     if bool(reuse_mask[-1]):
         raise ValueError("the last row must not be reused: its logits feed sampling")
-    plan = BlendPlan(config, reuse_mask, model.num_layers)
+    plan = BlendPlan(config, reuse_mask, model.num_layers, selector)
     num_suffix = suffix_length(reuse_mask)
     cu_k = torch.tensor([0, kv.kv_len], dtype=torch.int64)
     attention: ScatteredAttention | None = None
@@ -199,14 +205,34 @@ def blend_layers(
             )
         x = hidden[rows]
         q, k, v = model.qkv(layer, x, positions[rows])
-        if plan.is_selection_layer(layer):
-            plan.update(layer, _selection_inputs(
-                layer, rows, q, k, v, positions, reuse_mask, kv,
-                num_suffix if plan.reads_suffix else None))
+        inputs = None
+        if plan.is_selection_layer(layer):  # read the cached K/V before they are overwritten
+            inputs = _selection_inputs(layer, rows, q, k, v, positions, reuse_mask, kv,
+                                       num_suffix if plan.reads_suffix else None)
         kv.write(layer, rows, k, v)
         x = x + model.attn_out(layer, attention.run(q, *kv.keys_values(layer)))
         hidden[rows] = x + model.mlp(layer, x)
+        if inputs is not None:  # the selection only shapes later layers
+            if plan.reads_lookahead and plan.step_has_choice(layer):
+                inputs = _with_lookahead(model, inputs, hidden, rows, positions, kv, layer,
+                                         num_suffix, plan)
+            plan.update(layer, inputs)
     return plan
+
+
+def _with_lookahead(model: DecoderOps, inputs: SelectionInputs, hidden: torch.Tensor,
+                    rows: torch.Tensor, positions: torch.Tensor, kv: KVStore, layer: int,
+                    num_suffix: int, plan: BlendPlan) -> SelectionInputs:
+    """``inputs`` with ``lookahead_mass``: the suffix run alone through the later layers on the
+    KV as it stands (:func:`.lookahead.suffix_lookahead`); its rows are paid for in the plan."""
+    n = hidden.shape[0]
+    if num_suffix == 0:
+        raise ValueError("a lookahead selector needs a suffix (rows after the last reused row)")
+    suffix = torch.arange(n - num_suffix, n, device=rows.device)
+    masses = suffix_lookahead(model, hidden[suffix], suffix, positions[suffix], kv, layer + 1)
+    plan.add_lookahead_rows(num_suffix * (model.num_layers - layer - 1))
+    row_positions = positions[rows].to(masses.device)
+    return dataclasses.replace(inputs, lookahead_mass=masses[:, row_positions])
 
 
 def _selection_inputs(
@@ -250,6 +276,7 @@ def blended_prefill(
     cached_k: torch.Tensor,
     cached_v: torch.Tensor,
     config: BlendConfig,
+    selector: Selector | None = None,
 ) -> BlendResult:
     """Prefill one whole request, reusing ``cached_k``/``cached_v`` where ``reuse_mask`` is True.
 
@@ -263,6 +290,8 @@ def blended_prefill(
         ``(L, N, Hkv, D)``, the model's dtype; K realigned to ``positions``. Not modified.
     config : BlendConfig
         Ratio schedule and selector.
+    selector : Selector, optional
+        A rule object used instead of ``config.selector`` (see :class:`.plan.BlendPlan`).
     """
     n = input_ids.numel()
     shape = (model.num_layers, n, model.num_kv_heads, model.head_dim)
@@ -272,7 +301,7 @@ def blended_prefill(
         raise ValueError(f"cached_k/v must be {shape}, got {tuple(cached_k.shape)}")
     kv = TensorKVStore(cached_k.clone(), cached_v.clone())
     hidden = model.embed(input_ids)
-    plan = blend_layers(model, hidden, positions, reuse_mask, kv, config)
+    plan = blend_layers(model, hidden, positions, reuse_mask, kv, config, selector)
     return BlendResult(
         logits=model.logits(hidden[-1:])[0],
         k=kv.k,

@@ -34,7 +34,7 @@ from sglang_cacheblend.blend.budget import select_top_rows, selection_budget
 from sglang_cacheblend.blend.registry import build_selector
 
 if TYPE_CHECKING:
-    from sglang_cacheblend.blend.base import SelectionInputs
+    from sglang_cacheblend.blend.base import SelectionInputs, Selector
     from sglang_cacheblend.config import BlendConfig
 
 __all__ = ["BlendPlan"]
@@ -52,9 +52,13 @@ class BlendPlan:
         row indices live on this device.
     num_layers : int
         Number of decoder layers; every schedule layer must be ``< num_layers``.
+    selector : Selector, optional
+        A rule object to use instead of ``config.selector`` (rules under study, or oracles in
+        :mod:`sglang_cacheblend.eval.selection_ceiling`, that are not in the registry).
     """
 
-    def __init__(self, config: BlendConfig, reuse_mask: torch.Tensor, num_layers: int) -> None:
+    def __init__(self, config: BlendConfig, reuse_mask: torch.Tensor, num_layers: int,
+                 selector: Selector | None = None) -> None:
         if reuse_mask.dim() != 1 or reuse_mask.dtype != torch.bool:
             raise ValueError(
                 f"reuse_mask must be 1-D bool, got {tuple(reuse_mask.shape)} {reuse_mask.dtype}"
@@ -69,17 +73,42 @@ class BlendPlan:
         self.reuse_mask = reuse_mask
         self.num_rows = reuse_mask.shape[0]
         self.num_reused = int(reuse_mask.sum())
-        self._selector = build_selector(config.selector)
+        self._selector = build_selector(config.selector) if selector is None else selector
         self._steps = schedule
         self._next_step = 0
         # Row sets by first layer they apply to: [(first_layer, rows), ...]
         all_rows = torch.arange(self.num_rows, device=reuse_mask.device)
         self._segments: list[tuple[int, torch.Tensor]] = [(0, all_rows)]
+        self._lookahead_rows = 0
 
     @property
     def reads_suffix(self) -> bool:
         """True if the selector reads ``suffix_q``/``context_k`` (question-attention rules)."""
         return self._selector.reads_suffix
+
+    @property
+    def reads_lookahead(self) -> bool:
+        """True if the selector reads ``lookahead_mass`` (:mod:`.lookahead`)."""
+        return self._selector.reads_lookahead
+
+    def add_lookahead_rows(self, rows: int) -> None:
+        """Count rows a suffix lookahead computed (part of :attr:`recomputed_rows`)."""
+        if rows < 0:
+            raise ValueError(f"rows must be >= 0, got {rows}")
+        self._lookahead_rows += rows
+
+    def step_has_choice(self, layer: int) -> bool:
+        """True if the pending selection at ``layer`` drops some but not all reused rows of the
+        current set (otherwise any score gives the same rows, and costly inputs can be skipped)."""
+        if not self.is_selection_layer(layer):
+            raise ValueError(f"layer {layer} is not the pending selection layer")
+        in_set = int(self.reuse_mask[self.rows(layer)].sum())
+        return 0 < self._step_budget(in_set) < in_set
+
+    def _step_budget(self, reused_in_set: int) -> int:
+        ratio = self._steps[self._next_step][1]
+        budget = selection_budget(ratio, self.num_reused, self.config.min_selected_tokens)
+        return min(budget, reused_in_set)  # never grow: monotone subsets
 
     @property
     def decided_through(self) -> int:
@@ -137,10 +166,12 @@ class BlendPlan:
         local_mask = self.reuse_mask[current]
         if not torch.equal(inputs.reuse_mask.to(local_mask.device), local_mask):
             raise ValueError("inputs.reuse_mask disagrees with the plan's reuse_mask")
-        ratio = self._steps[self._next_step][1]
-        budget = selection_budget(ratio, self.num_reused, self.config.min_selected_tokens)
-        budget = min(budget, int(local_mask.sum()))  # never grow: monotone subsets
-        scores = self._selector.score(inputs)
+        in_set = int(local_mask.sum())
+        budget = self._step_budget(in_set)
+        if 0 < budget < in_set:
+            scores = self._selector.score(inputs)
+        else:  # keep none or all: the score cannot matter, and its inputs may be skipped
+            scores = torch.zeros(inputs.num_rows, dtype=torch.float32)
         keep = select_top_rows(scores.to(local_mask.device), local_mask, budget, _positions(inputs))
         new_rows = current[keep]
         self._next_step += 1
@@ -149,8 +180,9 @@ class BlendPlan:
 
     @property
     def recomputed_rows(self) -> int:
-        """Rows computed summed over the layers decided so far (all layers once planned)."""
-        total = 0
+        """Rows computed summed over the layers decided so far (all layers once planned), the
+        rows of suffix lookaheads included: a rule cannot buy quality with uncounted compute."""
+        total = self._lookahead_rows
         bounds = [first for first, _ in self._segments[1:]] + [self.decided_through + 1]
         for (first, rows), end in zip(self._segments, bounds):
             total += rows.numel() * (end - first)

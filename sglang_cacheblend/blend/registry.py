@@ -18,6 +18,7 @@ from sglang_cacheblend.blend.rules.question_attention import (
     QuestionAttentionCachedSelector,
     QuestionAttentionSelector,
 )
+from sglang_cacheblend.blend.rules.question_lookahead import QuestionLookaheadSelector
 from sglang_cacheblend.blend.rules.question_output_error import QuestionOutputErrorSelector
 from sglang_cacheblend.blend.rules.v_deviation import VDeviationSelector
 
@@ -39,6 +40,7 @@ SELECTORS: Mapping[str, type[Selector]] = MappingProxyType(
             AttentionVDeviationProduct,
             AttentionKDeviationRankSum,
             QuestionOutputErrorSelector,
+            QuestionLookaheadSelector,
         )
     }
 )

@@ -54,7 +54,8 @@ from sglang_cacheblend.config import BlendConfig
 REUSE_MODE = "reuse"
 DEFAULT_SELECTORS = ("v_deviation", "k_deviation", "question_attention",
                      "attention_x_v_deviation", "attention_plus_k_deviation",
-                     "question_output_error", "question_attention_cached")
+                     "question_output_error", "question_attention_cached",
+                     "question_lookahead")
 DEFAULT_BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
 
 
@@ -104,6 +105,7 @@ class ItemContext:
     cached_k: torch.Tensor  # (L, N, Hkv, D) realigned standalone chunk KV
     cached_v: torch.Tensor
     continuation: list[int]  # full prefill's greedy tokens
+    answers: tuple[str, ...]  # the dataset's gold answers
     full_logprobs: torch.Tensor  # (T, V) float64, teacher-forced
     full_time_s: float
 
@@ -152,14 +154,14 @@ def prepare_item(ops: DecoderOps, encode: Any, item: Any, passages: int, tokens:
     full_time = time.perf_counter() - started
     continuation = greedy(ops, full.k, full.v, full.logits, tokens, stop_ids)
     return ItemContext(item.index, prompt.input_ids, prompt.reuse_mask,
-                       prompt.cached_k, prompt.cached_v, continuation,
+                       prompt.cached_k, prompt.cached_v, continuation, item.answers,
                        teacher_forced(ops, full.k, full.v, full.logits, continuation), full_time)
 
 
 def evaluate_mode(ops: DecoderOps, ctx: ItemContext, mode: Mode, decode: Any,
                   stop_ids: set[int]) -> dict[str, Any]:
     """One blended prefill of the item's prompt under ``mode`` and its fidelity numbers."""
-    from sglang_cacheblend.eval.metrics import token_f1
+    from sglang_cacheblend.eval.metrics import best_f1, token_f1
 
     positions = torch.arange(ctx.input_ids.numel())
     started = time.perf_counter()
@@ -180,6 +182,8 @@ def evaluate_mode(ops: DecoderOps, ctx: ItemContext, mode: Mode, decode: Any,
         "item": ctx.index, "mode": mode.name, "kl": float(kl_per_pos.mean()),
         "kl_first": float(kl_per_pos[0]), "match": float(answer == ctx.continuation),
         "f1": token_f1(decode(answer), decode(ctx.continuation)),
+        "f1_dataset": best_f1(decode(answer), ctx.answers),
+        "f1_dataset_full": best_f1(decode(ctx.continuation), ctx.answers),
         "recomputed": res.recomputed_rows / res.full_rows, "time_s": elapsed,
         "full_time_s": ctx.full_time_s, "prompt_len": int(ctx.input_ids.numel()),
         "positions": len(ctx.continuation),
@@ -210,6 +214,7 @@ def summarize(rows: Sequence[dict[str, Any]], modes: Sequence[Mode]) -> list[dic
             "kl_first": statistics.fmean(r["kl_first"] for r in got),
             "match": statistics.fmean(r["match"] for r in got),
             "f1": statistics.fmean(r["f1"] for r in got),
+            "f1_dataset": statistics.fmean(r.get("f1_dataset", float("nan")) for r in got),
             "recomputed": statistics.fmean(r["recomputed"] for r in got),
             "time_s": statistics.median(r["time_s"] for r in got),
             "time_vs_full": statistics.median(r["time_s"] / r["full_time_s"] for r in got),
@@ -253,22 +258,25 @@ def markdown(table: Sequence[dict[str, Any]], config: dict[str, Any], info: dict
         "on the KV the prompt alone produced (the continuation is never in the selector's view). "
         "Gap: (KL_reuse - KL_mode) / KL_reuse on mean KLs, reuse = ratio 0 selected at layer 1. "
         "Match: share of items whose greedy continuation equals full prefill's. F1: answer token "
-        "F1 against full prefill's answer. Recomputed: rows computed summed over layers / full "
-        "prefill's. Time: median wall time of the blended forward (and its ratio to the full "
+        "F1 against full prefill's answer; dataset F1 against the item's gold answers (full "
+        "prefill's own is f1_dataset_full in the JSON rows). Recomputed: rows computed summed "
+        "over layers (suffix lookaheads included) / full prefill's. Time: median wall time of the blended forward (and its ratio to the full "
         f"prefill in the same loop); machine load avg {info['load_avg']}, so compare within this "
         "run only. Wins: share of items whose KL is below that of v_deviation checked once at layer "
         "1 with the same target ratio (the paper's rule at the same budget). ± is the standard "
         "error of the mean over items."), "",
         _default_line(), "",
         *_best_lines(table), "",
-        "| mode | KL | gap recovered | match | F1 vs full | recomputed | time s (x full) | wins |",
-        "|---|---|---|---|---|---|---|---|",
+        ("| mode | KL | gap recovered | match | F1 vs full | dataset F1 | recomputed "
+         "| time s (x full) | wins |"),
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
         lines.append(
             f"| {row['mode']} | {row['kl']:.4f} ± {row['kl_se']:.4f} | "
             f"{pct(row['gap_recovered'])} | "
-            f"{pct(row['match'])} | {row['f1']:.2f} | {row['recomputed']:.3f} | "
+            f"{pct(row['match'])} | {row['f1']:.2f} | {row['f1_dataset']:.2f} | "
+            f"{row['recomputed']:.3f} | "
             f"{row['time_s']:.2f} ({row['time_vs_full']:.2f}) | "
             f"{pct(row.get('wins_vs_baseline'))} |")
     return "\n".join(lines) + "\n"

@@ -170,6 +170,7 @@ def test_registry():
         "attention_x_v_deviation",
         "attention_plus_k_deviation",
         "question_output_error",
+        "question_lookahead",
     }
     for name, cls in SELECTORS.items():
         assert issubclass(cls, Selector) and cls.name == name
