@@ -9,14 +9,15 @@ interleaved per repetition, each on a fresh ``cache_salt`` so no mode warms anot
 * ``prefix_same``: the exact same prompt again (SGLang's prefix cache holds all of it);
 * ``prefix_reordered``: the same passages in reverse order (the prefix cache holds only the
   instruction), what prefix caching gives a RAG prompt with reordered retrieval;
-* ``blend@r``: the reversed prompt with its chunks precomputed, blended at ratio r;
+* ``blend@r``: the reversed prompt with its chunks precomputed, blended at ratio r with the
+  server's default selector; ``blend@r <rule>`` the same with each ``--selectors`` rule;
 * ``dense_sdpa``: no server: transformers' forward of the reversed prompt in this process (4-D
   causal SDPA, the server's dtype and thread count), the fastest dense prefill of these weights
   on CPU; TTFT of a server can only be slower.
 
 Writes ``docs/results/server_ttft.{json,md}``. Usage::
 
-    python benchmarks/bench_server_ttft.py --passages 6 --reps 2
+    python benchmarks/bench_server_ttft.py --passages 6 --reps 2 [--selectors v_deviation]
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=6)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.15])
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--selectors", nargs="*", default=[],
+                        help="also time blend@ratio with these rules (per request)")
     parser.add_argument("--port", type=int, default=30931)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = parser.parse_args()
@@ -85,14 +88,21 @@ def main() -> None:
     tokens = len(ordered.input_ids)
     times: dict[str, list[float]] = {"full": [], "prefix_same": [], "prefix_reordered": [],
                                      "dense_sdpa": []}
-    times.update({f"blend@{r:g}": [] for r in args.ratios})
+    blends = [(r, None) for r in args.ratios] + [(r, s) for r in args.ratios
+                                                 for s in args.selectors]
+
+    def blend_mode(ratio: float, selector: str | None) -> str:
+        return f"blend@{ratio:g}" + (f" {selector}" if selector else "")
+
+    times.update({blend_mode(r, s): [] for r, s in blends})
     log = Path("/tmp/bench_server_ttft.log")
     with ServerProcess(args=["--enable-cacheblend"], port=args.port, model_path=model_path,
                        log_path=log) as server:
         client = Client(server.base_url)
 
-        def ttft(prompt: ChunkedPrompt, salt: str, ratio: float | None = None) -> float:
-            return client.generate(prompt, salt, ratio).latency_s
+        def ttft(prompt: ChunkedPrompt, salt: str, ratio: float | None = None,
+                 selector: str | None = None) -> float:
+            return client.generate(prompt, salt, ratio, selector).latency_s
 
         def dense_prefill(prompt: ChunkedPrompt) -> float:
             start = time.perf_counter()
@@ -106,10 +116,10 @@ def main() -> None:
             times["full"].append(ttft(ordered, salt))  # also warms the tree for the next two
             times["prefix_same"].append(ttft(ordered, salt))
             times["prefix_reordered"].append(ttft(reverse, salt))
-            for ratio in args.ratios:
+            for ratio, selector in blends:
                 salt = uuid.uuid4().hex
                 cb.precompute_chunks(client.url, texts, cache_salt=salt)
-                times[f"blend@{ratio:g}"].append(ttft(reverse, salt, ratio))
+                times[blend_mode(ratio, selector)].append(ttft(reverse, salt, ratio, selector))
             times["dense_sdpa"].append(dense_prefill(reverse))
 
     stats = {mode: summarize(v) for mode, v in times.items()}
@@ -128,7 +138,8 @@ def main() -> None:
     lines = [
         "# TTFT through SGLang: full prefill, prefix cache, CacheBlend (CPU)", "",
         f"Command: `python benchmarks/bench_server_ttft.py --passages {args.passages} "
-        f"--reps {args.reps}`  ",
+        f"--reps {args.reps}" + (f" --selectors {' '.join(args.selectors)}" if args.selectors
+                                 else "") + "`  ",
         f"Prompt: {tokens} tokens (instruction + {args.passages} musique_dev passages of item "
         f"{args.item} + question); SmolLM2-135M {dtype}; one server; commit {commit}; load average "
         f"{meta['load_avg']}.", "",

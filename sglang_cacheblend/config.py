@@ -60,14 +60,15 @@ class BlendConfig:
         the KL gap at 15% in the sweep, vs 4% for V deviation).
     selector : str
         Name of the scoring rule in :data:`sglang_cacheblend.blend.registry.SELECTORS`: the
-        deviation rules ``"v_deviation"`` (original CacheBlend, the default) and
-        ``"k_deviation"`` (LMCache); the question-attention rules ``"question_attention"``,
+        deviation rules ``"v_deviation"`` (original CacheBlend) and ``"k_deviation"``
+        (LMCache); the question-attention rules ``"question_attention"``,
         ``"question_attention_cached"``, ``"attention_x_v_deviation"``,
         ``"attention_plus_k_deviation"`` and ``"question_output_error"`` (they read the
-        suffix's queries). The default is chosen by measurement: in the selector sweep
-        (``docs/results/selector_sweep.md``, SmolLM2-135M, 10 musique items, 4 passages) V
-        deviation at layer 1 closes 33% of the reuse-to-full-prefill KL gap at 15%, the most of
-        any single-check rule (K deviation 23%, the question-attention rules 10-16%).
+        suffix's queries); ``"question_lookahead"`` (the default), which runs the suffix ahead
+        through the later layers on the cached KV and recomputes the rows the question reads
+        there. The default is chosen by measurement (``docs/results/selector_sweep_lookahead.md``,
+        SmolLM2-135M, musique items, 4 passages): it closes more of the reuse-to-full-prefill KL
+        gap than V deviation at every budget, for ~1% more computed rows (the lookahead).
     gradual : tuple of (int, float)
         The gradual-filtering schedule: ``(layer, ratio)`` steps. After computing ``layer`` the
         selection is (re)made with ``ratio``. Empty means a single selection at ``check_layer``

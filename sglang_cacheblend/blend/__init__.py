@@ -18,10 +18,12 @@ HKVD selection (:mod:`.base`, :mod:`.budget`, ``rules/``, :mod:`.registry`)
     ``context_k`` the keys the suffix sees outside the rows. A ``Selector.score(inputs)`` returns
     ``(num_rows,)`` float32; ``select_top_rows`` keeps ``selection_budget(ratio, n, min)``
     reused rows (round half up, see :mod:`.budget`) plus every non-reused row, ties to the earlier
-    position, returned as sorted int64 row indices. Rules: ``v_deviation`` (the paper's, and the
-    default), ``k_deviation`` (LMCache), ``question_attention[_cached]``,
-    ``attention_x_v_deviation``, ``attention_plus_k_deviation``, ``question_output_error``;
-    measured against each other in ``docs/results/selector_sweep.md``.
+    position, returned as sorted int64 row indices. Rules: ``v_deviation`` (the paper's),
+    ``k_deviation`` (LMCache), ``question_attention[_cached]``, ``attention_x_v_deviation``,
+    ``attention_plus_k_deviation``, ``question_output_error``, and ``question_lookahead`` (the
+    default), which reads ``lookahead_mass``: the suffix run ahead through the later layers on
+    the cached KV (:mod:`.lookahead`); measured against each other in
+    ``docs/results/selector_sweep*.md``.
 
 Per-request plan (:mod:`.plan`)
     ``BlendPlan(config, reuse_mask, num_layers)``: ``rows(layer)`` are the int64 row indices to

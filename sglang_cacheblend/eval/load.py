@@ -52,12 +52,15 @@ class Client:
         self.url = base_url.rstrip("/")
         self.timeout_s = timeout_s
 
-    def generate(self, prompt: ChunkedPrompt, salt: str, ratio: float | None = None) -> Reply:
-        """One request with ``max_new_tokens=1``; chunks marked only when ``ratio`` is given."""
+    def generate(self, prompt: ChunkedPrompt, salt: str, ratio: float | None = None,
+                 selector: str | None = None) -> Reply:
+        """One request with ``max_new_tokens=1``; chunks marked only when ``ratio`` is given
+        (blended with ``selector``, else the server's rule)."""
         body: dict[str, Any] = {"input_ids": list(prompt.input_ids), "cache_salt": salt,
                                 "sampling_params": {"temperature": 0, "max_new_tokens": 1}}
         if ratio is not None:
-            body["kv_hints"] = chunk_hints(prompt.spans, recompute_ratio=ratio)
+            body["kv_hints"] = chunk_hints(prompt.spans, recompute_ratio=ratio,
+                                           selector=selector)
         start = time.perf_counter()
         response = requests.post(self.url + "/generate", json=body, timeout=self.timeout_s)
         latency = time.perf_counter() - start

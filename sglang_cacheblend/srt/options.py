@@ -63,7 +63,8 @@ _FLAGS: tuple[tuple[str, str, dict], ...] = (
           help="Layer at which the tokens to recompute are selected.")),
     ("--cacheblend-selector", "cacheblend_selector",
      dict(type=str, default=_DEFAULTS.selector,
-          help="Rule that picks the tokens to recompute (e.g. v_deviation, k_deviation).")),
+          help="Rule that picks the tokens to recompute (e.g. question_lookahead, "
+                "v_deviation, k_deviation).")),
     ("--cacheblend-gradual-start-ratio", "cacheblend_gradual_start_ratio",
      dict(type=float, default=None,
           help="Gradual filtering: ratio selected at the check layer, narrowed linearly to the "

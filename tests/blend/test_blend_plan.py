@@ -11,6 +11,7 @@ from sglang_cacheblend.blend import BlendPlan, SelectionInputs, selection_budget
 from sglang_cacheblend.config import BlendConfig
 
 HEADS, DIM = 2, 4
+V_DEV = "v_deviation"  # the inputs below carry V deviations only (no suffix, no lookahead)
 
 
 def _layer_inputs(plan: BlendPlan, layer: int, deviation: torch.Tensor) -> SelectionInputs:
@@ -42,7 +43,7 @@ def _mask(n: int, suffix: int, seed: int, miss_rate: float = 0.1) -> torch.Tenso
 def test_single_check_layer():
     n, layers = 200, 6
     mask = _mask(n, suffix=20, seed=0)
-    cfg = BlendConfig.single_check(0.15, check_layer=1)
+    cfg = BlendConfig.single_check(0.15, check_layer=1, selector=V_DEV)
     plan = BlendPlan(cfg, mask, layers)
     dev = [torch.rand(n) for _ in range(layers)]
     seen = _run(plan, dev)
@@ -71,7 +72,8 @@ def test_single_check_layer():
 def test_gradual_filtering_shrinks_and_rescores(seed, n, start, end, end_layer):
     layers = 8
     mask = _mask(n, suffix=min(n, 5), seed=seed, miss_rate=0.05)
-    cfg = BlendConfig.linear(max(start, end), end, check_layer=1, end_layer=end_layer)
+    cfg = BlendConfig.linear(max(start, end), end, check_layer=1, end_layer=end_layer,
+                             selector=V_DEV)
     plan = BlendPlan(cfg, mask, layers)
     gen = torch.Generator().manual_seed(seed)
     dev = [torch.rand(n, generator=gen) for _ in range(layers)]
@@ -126,7 +128,8 @@ def test_none_cached_and_all_cached():
 
 @pytest.mark.parametrize("minimum, want", [(0, 0), (1, 1)])
 def test_one_token_request(minimum, want):
-    plan = BlendPlan(BlendConfig(min_selected_tokens=minimum), torch.ones(1, dtype=torch.bool), 3)
+    plan = BlendPlan(BlendConfig(min_selected_tokens=minimum, selector=V_DEV),
+                     torch.ones(1, dtype=torch.bool), 3)
     assert _run(plan, [torch.rand(1)] * 3)[2].numel() == want
 
 
@@ -147,7 +150,7 @@ def test_plan_misuse_raises():
         BlendPlan(BlendConfig(check_layer=4), mask, 4)
     with pytest.raises(ValueError, match="reuse_mask"):
         BlendPlan(BlendConfig(), torch.ones(8), 4)
-    plan = BlendPlan(BlendConfig(), mask, 4)
+    plan = BlendPlan(BlendConfig(selector=V_DEV), mask, 4)
     assert plan.decided_through == 1
     with pytest.raises(RuntimeError, match="update"):
         plan.rows(2)

@@ -78,6 +78,7 @@ class _Recorder:
     def __init__(self, name: str) -> None:
         self.inner = build_selector(name)
         self.reads_suffix = self.inner.reads_suffix
+        self.reads_lookahead = self.inner.reads_lookahead
         self.calls: list[tuple[object, torch.Tensor]] = []
 
     def score(self, inputs):
