@@ -11,7 +11,8 @@ The suffix (the question and the chat template's tail) is short and has no cache
 be run *alone* through every later layer right after the check layer, attending to the request's
 KV as it stands: exact KV of the prefix, cached (realigned) KV of every reused row, its own fresh
 KV. That costs ``num_suffix`` rows per later layer (about 1% of a prefill's rows for a
-100-token question over a 3.6k-token prompt) and yields, for every later layer, the attention
+30-token question over a 2.4k-token prompt) and one explicit softmax per layer, whose
+probabilities give both the masses and the suffix's attention output, and yields, for every later layer, the attention
 mass the question puts on each row, which :mod:`.rules.question_lookahead` turns into a score.
 
 The suffix's K/V written during the lookahead are provisional: the suffix is recomputed at every
@@ -23,8 +24,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-
-from sglang_cacheblend.blend.attention import ScatteredAttention
 
 if TYPE_CHECKING:
     from sglang_cacheblend.blend.forward import DecoderOps, KVStore
@@ -54,21 +53,38 @@ def attention_mass(
         ``(kv_len,)`` float32: ``sum over queries and query heads of softmax(q . k * scale)``,
         ``scale = head_dim ** -0.5`` (the Llama-family scaling).
     """
+    return _attend(q, keys, None, q_positions)[0]
+
+
+def _attend(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor | None, q_positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`attention_mass` and, with ``values``, the attention output ``(num_q, num_q_heads,
+    head_dim)`` in ``q``'s dtype from the same probabilities (one softmax serves both)."""
     num_q, q_heads, dim = q.shape
     kv_len, kv_heads, _ = keys.shape
     group = q_heads // kv_heads
     k_t = keys.float().permute(1, 2, 0)  # (kv_heads, dim, kv_len)
+    v_h = None if values is None else values.float().permute(1, 0, 2)  # (kv_heads, kv_len, dim)
     key_pos = torch.arange(kv_len, device=keys.device)
     total = torch.zeros(kv_len, dtype=torch.float32, device=keys.device)
+    outputs = []
     for start in range(0, num_q, _BLOCK_QUERY_ROWS):
         end = min(num_q, start + _BLOCK_QUERY_ROWS)
-        block = q[start:end].float().view(end - start, kv_heads, group, dim)
-        block = block.permute(1, 2, 0, 3).reshape(kv_heads, group * (end - start), dim)
-        logits = torch.bmm(block * dim**-0.5, k_t).view(kv_heads, group, end - start, kv_len)
+        rows = end - start
+        block = q[start:end].float().view(rows, kv_heads, group, dim)
+        block = block.permute(1, 2, 0, 3).reshape(kv_heads, group * rows, dim)
+        logits = torch.bmm(block * dim**-0.5, k_t).view(kv_heads, group, rows, kv_len)
         future = key_pos[None, :] > q_positions[start:end, None].to(keys.device)
-        logits = logits.masked_fill(future, float("-inf"))
-        total += logits.softmax(dim=-1).sum(dim=(0, 1, 2))
-    return total
+        probs = logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+        total += probs.sum(dim=(0, 1, 2))
+        if v_h is not None:
+            out = torch.bmm(probs.view(kv_heads, group * rows, kv_len), v_h)
+            outputs.append(out.view(kv_heads, group, rows, dim).permute(2, 0, 1, 3)
+                           .reshape(rows, q_heads, dim))
+    if v_h is None:
+        return total, None
+    return total, torch.cat(outputs).to(q.dtype)
 
 
 def suffix_lookahead(
@@ -104,22 +120,16 @@ def suffix_lookahead(
         ``(num_layers, kv_len)`` float32: row ``l >= first_layer`` is the attention mass the
         suffix puts on each position at layer ``l`` (:func:`attention_mass`); earlier rows are 0.
     """
-    num_suffix = suffix_rows.numel()
     device = suffix_hidden.device
     masses = torch.zeros(model.num_layers, kv.kv_len, dtype=torch.float32, device=device)
-    attention = ScatteredAttention(
-        suffix_positions, torch.tensor([0, num_suffix], dtype=torch.int64),
-        torch.tensor([0, kv.kv_len], dtype=torch.int64),
-        num_q_heads=model.num_q_heads, num_kv_heads=model.num_kv_heads,
-        head_dim=model.head_dim, dtype=suffix_hidden.dtype, device=device,
-    )
     x = suffix_hidden.clone()
     for layer in range(first_layer, model.num_layers):
         q, k, v = model.qkv(layer, x, suffix_positions)
         kv.write(layer, suffix_rows, k, v)
         keys, values = kv.keys_values(layer)
-        masses[layer] = attention_mass(q, keys, suffix_positions)
-        if layer + 1 < model.num_layers:  # the last layer's output is never read
-            x = x + model.attn_out(layer, attention.run(q, keys, values))
+        last = layer + 1 == model.num_layers  # the last layer's output is never read
+        masses[layer], out = _attend(q, keys, None if last else values, suffix_positions)
+        if not last:
+            x = x + model.attn_out(layer, out)
             x = x + model.mlp(layer, x)
     return masses
