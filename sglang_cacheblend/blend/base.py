@@ -74,7 +74,8 @@ class SelectionInputs:
         the suffix's queries (summed over suffix rows and query heads) put on each row at layer
         ``l`` when the suffix alone is run ahead through the layers after this selection layer
         on the KV as it stands (reused rows keep their cached KV). Rows of layers up to the
-        selection layer are zero. Filled by the forward loop only for rules that set
+        selection layer, and before the rule's :meth:`Selector.lookahead_first_layer`, are
+        zero. Filled by the forward loop only for rules that set
         :attr:`Selector.reads_lookahead` (:mod:`sglang_cacheblend.blend.lookahead`).
     """
 
@@ -162,6 +163,12 @@ class Selector(ABC):
     name: ClassVar[str]
     reads_suffix: ClassVar[bool] = False
     reads_lookahead: ClassVar[bool] = False
+
+    def lookahead_first_layer(self, num_layers: int) -> int:
+        """First layer whose ``lookahead_mass`` this rule reads; the lookahead runs the layers
+        before it with the fused attention kernel and leaves their masses zero (an explicit
+        softmax costs more). Only asked of rules with :attr:`reads_lookahead`."""
+        return 0
 
     @abstractmethod
     def score(self, inputs: SelectionInputs) -> torch.Tensor:

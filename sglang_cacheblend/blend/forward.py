@@ -229,7 +229,8 @@ def _with_lookahead(model: DecoderOps, inputs: SelectionInputs, hidden: torch.Te
     if num_suffix == 0:
         raise ValueError("a lookahead selector needs a suffix (rows after the last reused row)")
     suffix = torch.arange(n - num_suffix, n, device=rows.device)
-    masses = suffix_lookahead(model, hidden[suffix], suffix, positions[suffix], kv, layer + 1)
+    masses = suffix_lookahead(model, hidden[suffix], suffix, positions[suffix], kv, layer + 1,
+                              plan.lookahead_first_layer())
     plan.add_lookahead_rows(num_suffix * (model.num_layers - layer - 1))
     row_positions = positions[rows].to(masses.device)
     return dataclasses.replace(inputs, lookahead_mass=masses[:, row_positions])

@@ -11,8 +11,9 @@ The suffix (the question and the chat template's tail) is short and has no cache
 be run *alone* through every later layer right after the check layer, attending to the request's
 KV as it stands: exact KV of the prefix, cached (realigned) KV of every reused row, its own fresh
 KV. That costs ``num_suffix`` rows per later layer (about 1% of a prefill's rows for a
-30-token question over a 2.4k-token prompt) and one explicit softmax per layer, whose
-probabilities give both the masses and the suffix's attention output, and yields, for every later layer, the attention
+30-token question over a 2.4k-token prompt) and, in the layers whose masses the rule reads, one
+explicit softmax per layer, whose probabilities give both the masses and the suffix's attention
+output (the other layers use the fused kernel). It yields, for every later layer, the attention
 mass the question puts on each row, which :mod:`.rules.question_lookahead` turns into a score.
 
 The suffix's K/V written during the lookahead are provisional: the suffix is recomputed at every
@@ -24,6 +25,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+
+from sglang_cacheblend.blend.attention import ScatteredAttention
 
 if TYPE_CHECKING:
     from sglang_cacheblend.blend.forward import DecoderOps, KVStore
@@ -94,6 +97,7 @@ def suffix_lookahead(
     suffix_positions: torch.Tensor,
     kv: KVStore,
     first_layer: int,
+    mass_from_layer: int = 0,
 ) -> torch.Tensor:
     """Run the suffix alone through layers ``first_layer..num_layers-1`` on the stored KV.
 
@@ -113,22 +117,35 @@ def suffix_lookahead(
         these layers.
     first_layer : int
         First layer to run (the selection layer + 1).
+    mass_from_layer : int
+        First layer whose masses are computed; the layers before it attend with the fused
+        kernel (:class:`.attention.ScatteredAttention`), their masses left zero.
 
     Returns
     -------
     torch.Tensor
-        ``(num_layers, kv_len)`` float32: row ``l >= first_layer`` is the attention mass the
-        suffix puts on each position at layer ``l`` (:func:`attention_mass`); earlier rows are 0.
+        ``(num_layers, kv_len)`` float32: row ``l >= max(first_layer, mass_from_layer)`` is the
+        attention mass the suffix puts on each position at layer ``l`` (:func:`attention_mass`);
+        other rows are 0.
     """
     device = suffix_hidden.device
     masses = torch.zeros(model.num_layers, kv.kv_len, dtype=torch.float32, device=device)
+    fused = ScatteredAttention(
+        suffix_positions, torch.tensor([0, suffix_rows.numel()], dtype=torch.int64),
+        torch.tensor([0, kv.kv_len], dtype=torch.int64),
+        num_q_heads=model.num_q_heads, num_kv_heads=model.num_kv_heads,
+        head_dim=model.head_dim, dtype=suffix_hidden.dtype, device=device,
+    )
     x = suffix_hidden.clone()
     for layer in range(first_layer, model.num_layers):
         q, k, v = model.qkv(layer, x, suffix_positions)
         kv.write(layer, suffix_rows, k, v)
         keys, values = kv.keys_values(layer)
         last = layer + 1 == model.num_layers  # the last layer's output is never read
-        masses[layer], out = _attend(q, keys, None if last else values, suffix_positions)
+        if layer < mass_from_layer:
+            out = fused.run(q, keys, values)
+        else:
+            masses[layer], out = _attend(q, keys, None if last else values, suffix_positions)
         if not last:
             x = x + model.attn_out(layer, out)
             x = x + model.mlp(layer, x)

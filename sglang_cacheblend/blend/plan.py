@@ -91,6 +91,10 @@ class BlendPlan:
         """True if the selector reads ``lookahead_mass`` (:mod:`.lookahead`)."""
         return self._selector.reads_lookahead
 
+    def lookahead_first_layer(self) -> int:
+        """First layer whose lookahead masses the selector reads."""
+        return self._selector.lookahead_first_layer(self.num_layers)
+
     def add_lookahead_rows(self, rows: int) -> None:
         """Count rows a suffix lookahead computed (part of :attr:`recomputed_rows`)."""
         if rows < 0:

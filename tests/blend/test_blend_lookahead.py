@@ -54,6 +54,7 @@ class _Recorder:
         self.inner = inner
         self.reads_suffix = inner.reads_suffix
         self.reads_lookahead = inner.reads_lookahead
+        self.lookahead_first_layer = inner.lookahead_first_layer
         self.calls: list[tuple[object, torch.Tensor]] = []
 
     def score(self, inputs):
@@ -95,22 +96,27 @@ class _QRecordingOps:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_lookahead_is_the_questions_attention_on_the_cached_kv(monkeypatch, arch):
-    """At ratio 0 the blend runs exactly the suffix through layers 2.. on cached KV, which is
-    what the lookahead does: its masses must equal that pass's attention probabilities."""
+@pytest.mark.parametrize("check_layer", [0, 1])
+def test_lookahead_is_the_questions_attention_on_the_cached_kv(monkeypatch, arch, check_layer):
+    """At ratio 0 the blend runs exactly the suffix through the layers after the check on cached
+    KV, which is what the lookahead does: its masses must equal that pass's attention
+    probabilities in the layers the rule reads (the second half: 2 and 3 of 4). From check
+    layer 0 the lookahead runs layer 1 with the fused kernel, which must not change layers 2-3."""
     model = _tiny(arch, 21)
     ops, prompt = _chunked_prompt(model, 21, sizes=(20, 15, 25))
     recorder = _Recorder(build_selector(RULE))
     _use(monkeypatch, recorder)
-    run_blend(ops, prompt, BlendConfig(recompute_ratio=0.3, selector=RULE))
+    run_blend(ops, prompt, BlendConfig(recompute_ratio=0.3, check_layer=check_layer,
+                                       selector=RULE))
     (inputs, scores), = recorder.calls
     mass = inputs.lookahead_mass
     assert mass.shape == (ops.num_layers, prompt.input_ids.numel())
-    assert torch.equal(mass[:2], torch.zeros_like(mass[:2]))  # layers up to the check layer
+    assert torch.equal(mass[:2], torch.zeros_like(mass[:2]))  # before the layers the rule reads
 
     monkeypatch.undo()
     recording = _QRecordingOps(ops)
-    reuse = run_blend(recording, prompt, BlendConfig(recompute_ratio=0.0))
+    reuse = run_blend(recording, prompt, BlendConfig(recompute_ratio=0.0,
+                                                     check_layer=check_layer))
     n = prompt.input_ids.numel()
     num_suffix = suffix_length(prompt.reuse_mask)
     group = ops.num_q_heads // ops.num_kv_heads

@@ -79,6 +79,7 @@ class _Recorder:
         self.inner = build_selector(name)
         self.reads_suffix = self.inner.reads_suffix
         self.reads_lookahead = self.inner.reads_lookahead
+        self.lookahead_first_layer = self.inner.lookahead_first_layer
         self.calls: list[tuple[object, torch.Tensor]] = []
 
     def score(self, inputs):

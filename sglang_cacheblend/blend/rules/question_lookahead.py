@@ -36,6 +36,9 @@ class QuestionLookaheadSelector(Selector):
     name = "question_lookahead"
     reads_lookahead = True
 
+    def lookahead_first_layer(self, num_layers: int) -> int:
+        return num_layers // 2
+
     def score(self, inputs: SelectionInputs) -> torch.Tensor:
         mass = inputs.lookahead_mass
         if mass is None:
