@@ -225,9 +225,7 @@ def _with_lookahead(model: DecoderOps, inputs: SelectionInputs, hidden: torch.Te
                     num_suffix: int, plan: BlendPlan) -> SelectionInputs:
     """``inputs`` with ``lookahead_mass``: the suffix run alone through the later layers on the
     KV as it stands (:func:`.lookahead.suffix_lookahead`); its rows are paid for in the plan."""
-    n = hidden.shape[0]
-    if num_suffix == 0:
-        raise ValueError("a lookahead selector needs a suffix (rows after the last reused row)")
+    n = hidden.shape[0]  # the last row is never reused, so the suffix has >= 1 row
     suffix = torch.arange(n - num_suffix, n, device=rows.device)
     masses = suffix_lookahead(model, hidden[suffix], suffix, positions[suffix], kv, layer + 1,
                               plan.lookahead_first_layer())

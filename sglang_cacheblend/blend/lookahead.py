@@ -3,9 +3,12 @@
 A selection made after the check layer has to guess which reused rows matter in layers it has
 not computed yet. On SmolLM2 the guess is what decides quality: a first-order estimate of each
 row's effect on the continuation's KL (the gradient of the KL with respect to the row's KV, dotted
-with the row's real deviation) puts 78% of the effect in 15% of the rows, mostly the passage
-words the question is about, and mostly in the second half of the layers, where layer-1
-statistics (V/K deviation, question attention at layer 1) do not see them.
+with the row's real deviation; :func:`sglang_cacheblend.eval.selection_ceiling.gradient_ranking`)
+put, on the one item inspected (musique_dev 20, 4 passages, a one-off look at that ranking),
+78% of the effect in 15% of the rows, mostly the passage words the question is about, and
+mostly in the second half of the layers, where layer-1 statistics (V/K deviation, question
+attention at layer 1) do not see them. Ranked this way and recomputed, 15% of the rows close
+59% of the KL gap on items 0-9 (``docs/results/selection_ceiling.md``).
 
 The suffix (the question and the chat template's tail) is short and has no cached KV, so it can
 be run *alone* through every later layer right after the check layer, attending to the request's
@@ -130,7 +133,7 @@ def suffix_lookahead(
     """
     device = suffix_hidden.device
     masses = torch.zeros(model.num_layers, kv.kv_len, dtype=torch.float32, device=device)
-    fused = ScatteredAttention(
+    fused = None if mass_from_layer <= first_layer else ScatteredAttention(
         suffix_positions, torch.tensor([0, suffix_rows.numel()], dtype=torch.int64),
         torch.tensor([0, kv.kv_len], dtype=torch.int64),
         num_q_heads=model.num_q_heads, num_kv_heads=model.num_kv_heads,
@@ -142,7 +145,7 @@ def suffix_lookahead(
         kv.write(layer, suffix_rows, k, v)
         keys, values = kv.keys_values(layer)
         last = layer + 1 == model.num_layers  # the last layer's output is never read
-        if layer < mass_from_layer:
+        if fused is not None and layer < mass_from_layer:
             out = fused.run(q, keys, values)
         else:
             masses[layer], out = _attend(q, keys, None if last else values, suffix_positions)

@@ -44,7 +44,13 @@ from sglang_cacheblend.blend.base import Selector
 from sglang_cacheblend.blend.budget import selection_budget
 from sglang_cacheblend.blend.forward import DecoderOps, blend_layers, blended_prefill
 from sglang_cacheblend.config import BlendConfig
-from sglang_cacheblend.eval.selector_sweep import ItemContext, prepare_item, teacher_forced
+from sglang_cacheblend.eval.selector_sweep import (
+    ItemContext,
+    continuation_kl,
+    load_offline_model,
+    prepare_item,
+    teacher_forced,
+)
 
 __all__ = ["deviation_ranking", "gradient_ranking", "main"]
 
@@ -94,11 +100,6 @@ def _differentiable(ops: DecoderOps) -> DecoderOps:
     return grad_ops
 
 
-def _kl(ctx: ItemContext, logprobs: torch.Tensor) -> torch.Tensor:
-    p = ctx.full_logprobs
-    return (p.exp() * (p - logprobs)).sum(-1).mean()
-
-
 def deviation_ranking(full_k: torch.Tensor, full_v: torch.Tensor, ctx: ItemContext,
                       check_layer: int) -> torch.Tensor:
     """``(N,)`` true KV error per row over the layers after the check layer (see module doc)."""
@@ -128,7 +129,7 @@ def gradient_ranking(ops: DecoderOps, ctx: ItemContext, full_k: torch.Tensor,
                          BlendConfig(recompute_ratio=0.0, check_layer=check_layer))
             logprobs = teacher_forced(grad_ops, torch.stack(store.k), torch.stack(store.v),
                                       grad_ops.logits(hidden[-1:])[0], ctx.continuation)
-            _kl(ctx, logprobs).backward()
+            continuation_kl(ctx, logprobs).mean().backward()
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
@@ -145,7 +146,7 @@ def _run_kl(ops: DecoderOps, ctx: ItemContext, config: BlendConfig,
     res = blended_prefill(ops, ctx.input_ids, torch.arange(ctx.input_ids.numel()),
                           ctx.reuse_mask, k, v, config, selector)
     logprobs = teacher_forced(ops, res.k, res.v, res.logits, ctx.continuation)
-    return float(_kl(ctx, logprobs)), res.recomputed_rows / res.full_rows
+    return float(continuation_kl(ctx, logprobs).mean()), res.recomputed_rows / res.full_rows
 
 
 def evaluate_item(ops: DecoderOps, ctx: ItemContext, budgets: Sequence[float],
@@ -255,13 +256,9 @@ def plot(table: Sequence[dict[str, Any]], out_path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sglang_cacheblend.blend.hf_llama import HFLlamaOps
-    from sglang_cacheblend.chunks import sink_ids
     from sglang_cacheblend.eval.dataset import DEFAULT_DATA_PATH, load_items
     from sglang_cacheblend.eval.results import provenance, write_results
-    from sglang_cacheblend.models import ensure_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA_PATH)
@@ -278,16 +275,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = "python -m sglang_cacheblend.eval.selection_ceiling " + shlex.join(
         sys.argv[1:] if argv is None else argv)
 
-    path = ensure_model()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ops = HFLlamaOps(model)
-
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False).input_ids
-
-    stop_ids = {i for i in (tokenizer.eos_token_id,) if i is not None}
-    sink = sink_ids(tokenizer.bos_token_id, encode)
+    ops, encode, _, stop_ids, sink = load_offline_model(torch.float32)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     for item in tqdm(load_items(args.data)[args.start: args.start + args.items], desc="items"):

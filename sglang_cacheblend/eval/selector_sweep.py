@@ -34,10 +34,10 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -110,6 +110,46 @@ class ItemContext:
     full_time_s: float
 
 
+class OfflineModel(NamedTuple):
+    """The embedded model over transformers, and what the offline harnesses need around it."""
+
+    ops: DecoderOps
+    encode: Callable[[str], list[int]]  # plain text -> ids, no special tokens added
+    decode: Callable[[Sequence[int]], str]
+    stop_ids: set[int]
+    sink: tuple[int, ...]  # the attention sink chunks are precomputed after (as the server)
+
+
+def load_offline_model(dtype: torch.dtype) -> OfflineModel:
+    """The embedded model (prepared on first use) in ``dtype``, wrapped for ``blend_layers``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sglang_cacheblend.blend.hf_llama import HFLlamaOps
+    from sglang_cacheblend.chunks import sink_ids
+    from sglang_cacheblend.models import ensure_model
+
+    path = ensure_model()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    def decode(ids: Sequence[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    stop_ids = {i for i in (tokenizer.eos_token_id,) if i is not None}
+    return OfflineModel(HFLlamaOps(model), encode, decode, stop_ids,
+                        sink_ids(tokenizer.bos_token_id, encode))
+
+
+def continuation_kl(ctx: ItemContext, logprobs: torch.Tensor) -> torch.Tensor:
+    """``(T,)`` KL(full || mode) per continuation position, from the mode's teacher-forced
+    ``(T, V)`` log-probs (:func:`teacher_forced`)."""
+    p = ctx.full_logprobs
+    return (p.exp() * (p - logprobs)).sum(-1)
+
+
 def greedy(ops: DecoderOps, k: torch.Tensor, v: torch.Tensor, first_logits: torch.Tensor,
            tokens: int, stop_ids: set[int], head: Sequence[int] = ()) -> list[int]:
     """Greedy decode of up to ``tokens`` tokens after a prompt's KV (stopping after a stop id),
@@ -169,8 +209,7 @@ def evaluate_mode(ops: DecoderOps, ctx: ItemContext, mode: Mode, decode: Any,
                           ctx.cached_v, mode.config)
     elapsed = time.perf_counter() - started
     logprobs = teacher_forced(ops, res.k, res.v, res.logits, ctx.continuation)
-    p = ctx.full_logprobs
-    kl_per_pos = (p.exp() * (p - logprobs)).sum(-1)
+    kl_per_pos = continuation_kl(ctx, logprobs)
     agree = (logprobs.argmax(-1) == torch.tensor(ctx.continuation)).tolist()
     first_miss = agree.index(False) if False in agree else len(agree)
     if first_miss == len(agree):
@@ -378,13 +417,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sglang_cacheblend.blend.hf_llama import HFLlamaOps
-    from sglang_cacheblend.chunks import sink_ids
     from sglang_cacheblend.eval.dataset import load_items
     from sglang_cacheblend.eval.results import provenance
-    from sglang_cacheblend.models import ensure_model
 
     args = _parser().parse_args(argv)
     unknown = set(args.selectors) - selector_names()
@@ -403,19 +438,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = _resumable_rows(json_path, config) if args.resume and json_path.exists() else []
     config["command"] = _command(sys.argv[1:] if argv is None else argv)
 
-    path = ensure_model()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    ops = HFLlamaOps(model)
-
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False).input_ids
-
-    def decode(ids: Sequence[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True)
-
-    stop_ids = {i for i in (tokenizer.eos_token_id,) if i is not None}
-    sink = sink_ids(tokenizer.bos_token_id, encode)
+    ops, encode, decode, stop_ids, sink = load_offline_model(dtype)
     items = load_items(args.data)[args.start: args.start + args.items]
     done = {(r["item"], r["mode"]) for r in rows}
     resumed = len(rows)

@@ -9,6 +9,7 @@ lookahead's rows; the budget is exact; a missing ``lookahead_mass`` fails loudly
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -211,8 +212,6 @@ def test_missing_lookahead_mass_is_refused():
 
 def test_lookahead_mass_shape_is_checked():
     inputs = _inputs(n=40)
-    import dataclasses
-
     with pytest.raises(ValueError, match="lookahead_mass"):
         dataclasses.replace(inputs, lookahead_mass=torch.zeros(4, 39))
     ok = dataclasses.replace(inputs, lookahead_mass=torch.zeros(4, 40))
