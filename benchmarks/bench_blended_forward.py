@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from sglang_cacheblend.blend.hf_llama import HFLlamaOps
 from sglang_cacheblend.blend.forward import full_prefill
+from sglang_cacheblend.blend.hf_llama import HFLlamaOps
 from sglang_cacheblend.blend.offline import blend_prompt, chunk_kv, run_blend
 from sglang_cacheblend.config import BlendConfig
 from sglang_cacheblend.launch import cpu_dtype, has_cuda

@@ -50,6 +50,22 @@ def make_case(n: int, dtype: torch.dtype, seed: int = 0):
     return q_all, k, v, rows
 
 
+def plan_for(
+    rows: torch.Tensor, n: int, dtype: torch.dtype, block_rows: int
+) -> ScatteredAttention:
+    """The plan of one request of ``n`` keys whose query rows are ``rows``."""
+    return ScatteredAttention(
+        rows,
+        torch.tensor([0, rows.numel()]),
+        torch.tensor([0, n]),
+        num_q_heads=Q_HEADS,
+        num_kv_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        dtype=dtype,
+        block_rows=block_rows,
+    )
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -60,29 +76,8 @@ def bench_one(n: int, dtype: torch.dtype, reps: int, block_rows: int) -> dict:
     q_all, k, v, rows = make_case(n, dtype)
     q = q_all[rows].contiguous()
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q_all, k, v))
-    cu_q, cu_k = torch.tensor([0, rows.numel()]), torch.tensor([0, n])
-    plan_s = timed(
-        lambda: ScatteredAttention(
-            rows,
-            cu_q,
-            cu_k,
-            num_q_heads=Q_HEADS,
-            num_kv_heads=KV_HEADS,
-            head_dim=HEAD_DIM,
-            dtype=dtype,
-            block_rows=block_rows,
-        )
-    )
-    plan = ScatteredAttention(
-        rows,
-        cu_q,
-        cu_k,
-        num_q_heads=Q_HEADS,
-        num_kv_heads=KV_HEADS,
-        head_dim=HEAD_DIM,
-        dtype=dtype,
-        block_rows=block_rows,
-    )
+    plan_s = timed(lambda: plan_for(rows, n, dtype, block_rows))
+    plan = plan_for(rows, n, dtype, block_rows)
     bool_mask = torch.arange(n)[None, :] <= rows[:, None]
     q_rows4 = q.transpose(0, 1).unsqueeze(0)
     fns = {
@@ -123,20 +118,7 @@ def bench_one(n: int, dtype: torch.dtype, reps: int, block_rows: int) -> dict:
 def block_sweep(n: int, dtype: torch.dtype, reps: int, sizes: list[int]) -> list[dict]:
     q_all, k, v, rows = make_case(n, dtype, seed=1)
     q = q_all[rows].contiguous()
-    cu_q, cu_k = torch.tensor([0, rows.numel()]), torch.tensor([0, n])
-    plans = {
-        b: ScatteredAttention(
-            rows,
-            cu_q,
-            cu_k,
-            num_q_heads=Q_HEADS,
-            num_kv_heads=KV_HEADS,
-            head_dim=HEAD_DIM,
-            dtype=dtype,
-            block_rows=b,
-        )
-        for b in sizes
-    }
+    plans = {b: plan_for(rows, n, dtype, b) for b in sizes}
     times: dict[int, list[float]] = {b: [] for b in sizes}
     for p in plans.values():
         p.run(q, k, v)

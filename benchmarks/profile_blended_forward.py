@@ -34,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench_blended_forward import DEFAULT_DATA, ROOT, add_dtype_argument, setup
 from sglang_cacheblend.blend.offline import run_blend
-from sglang_cacheblend.blend.rope import realign_keys
+from sglang_cacheblend.blend.realign import realign_keys
 from sglang_cacheblend.config import BlendConfig
 
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (

@@ -1,27 +1,33 @@
 """Non-prefix chunk index for CacheBlend: standalone chunk KV found at any prompt position.
 
 Pure Python/torch; never imports SGLang. The SGLang glue is
-``sglang_cacheblend.srt.radix_backend``.
+``sglang_cacheblend.srt.radix_cache``.
 """
 
 from __future__ import annotations
 
-from radix_ext.base import (
+from radix_ext.chunk_index import ChunkIndex
+from radix_ext.chunk_types import (
+    ChunkEvictResult,
     ChunkMatch,
     ChunkNamespace,
     ChunkStats,
     InsertChunkResult,
     LockResult,
+    LruHead,
     SlotFreer,
+    TokenIds,
 )
-from radix_ext.chunk_index import ChunkIndex
 
 __all__ = [
+    "ChunkEvictResult",
     "ChunkIndex",
     "ChunkMatch",
     "ChunkNamespace",
     "ChunkStats",
     "InsertChunkResult",
     "LockResult",
+    "LruHead",
     "SlotFreer",
+    "TokenIds",
 ]

@@ -19,7 +19,7 @@ slots               owner
 ==================  ================================================================
 ``kv_loc`` passed   the caller, until ``insert`` returns ``inserted=True``
 to ``insert``       (then the index) or ``redundant_loc`` (the caller frees them)
-entry ``kv_loc``    the index; freed through ``SlotFreer.free`` on evict/clear only
+entry ``kv_loc``    the index; freed through ``SlotFreer.free`` on evict only
 ==================  ================================================================
 """
 
@@ -29,32 +29,34 @@ import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from radix_ext.base import (
-    BaseChunkIndex,
+from radix_ext.chunk_types import (
     ChunkEvictResult,
-    ChunkHashFn,
     ChunkMatch,
     ChunkStats,
     InsertChunkResult,
     LockResult,
     LruHead,
-    SlotFreer,
-    TokenIds,
 )
-from radix_ext.entry import ChunkEntry, RequestLocks, as_positions, check_kv_loc
+from radix_ext.entry import ChunkEntry, RequestLocks, as_positions, check_kv_loc, redundant_slots
 from radix_ext.keys import TOKEN_BYTES, default_chunk_hash, pack_token_ids
 
+if TYPE_CHECKING:
+    from radix_ext.chunk_types import ChunkHashFn, SlotFreer, TokenIds
 
-class ChunkIndex(BaseChunkIndex):
+
+class ChunkIndex:
     """Chunk KV index with per-request locks and LRU eviction.
+
+    A store of standalone chunk KV, keyed by namespace and token ids.
 
     Parameters
     ----------
     allocator : SlotFreer
-        Receives the slots of evicted and cleared entries (``free(kv_loc)``).
+        Receives the slots of evicted entries (``free(kv_loc)``).
     hash_fn : ChunkHashFn
         Lookup hash of packed token ids; default BLAKE2b-128. Injectable so tests can force
         collisions.
@@ -115,12 +117,10 @@ class ChunkIndex(BaseChunkIndex):
         for start, end in spans:
             entry = self._find(namespace, prompt_bytes[start * TOKEN_BYTES : end * TOKEN_BYTES])
             if entry is None:
-                matches.append(ChunkMatch(start, end - start, None, None, None))
+                matches.append(ChunkMatch(start, end, None, None, None))
                 continue
             self._touch(entry, now)
-            matches.append(
-                ChunkMatch(start, end - start, entry.entry_id, entry.kv_loc, entry.positions)
-            )
+            matches.append(ChunkMatch(start, end, entry.entry_id, entry.kv_loc, entry.positions))
         return matches
 
     def insert(
@@ -134,10 +134,13 @@ class ChunkIndex(BaseChunkIndex):
     ) -> InsertChunkResult:
         """Insert a chunk computed standalone, taking ownership of its slots.
 
+        Takes ownership of ``kv_loc`` for a new chunk, or reports the existing entry if the chunk
+        is already cached.
+
         Parameters
         ----------
         namespace : Hashable
-            Usually a :class:`~radix_ext.base.ChunkNamespace`.
+            Usually a :class:`~radix_ext.ChunkNamespace`.
         token_ids : sequence of int or torch.Tensor
             The chunk's tokens, shape ``(chunk_len,)``, ``chunk_len >= 1``.
         kv_loc : torch.Tensor
@@ -168,7 +171,7 @@ class ChunkIndex(BaseChunkIndex):
         if entry is not None:
             self._duplicate_inserts += 1
             self._touch(entry, now)
-            redundant_loc = self._redundant_slots(entry, kv_loc)
+            redundant_loc = redundant_slots(entry, kv_loc)
             inserted = False
         else:
             entry = ChunkEntry(
@@ -199,6 +202,7 @@ class ChunkIndex(BaseChunkIndex):
     def lock(self, rid: Hashable, matches: Sequence[ChunkMatch]) -> LockResult:
         """Lock the hits of ``matches`` for request ``rid``; idempotent per (rid, entry).
 
+        Locked entries are never evicted until ``unlock(rid)``.
         Counts a hit or a miss once per (rid, span) for :meth:`stats`. Matches whose entry was
         evicted since the lookup are reported in ``LockResult.stale`` and count as misses.
         """
@@ -209,7 +213,7 @@ class ChunkIndex(BaseChunkIndex):
             entry = None if match.entry_id is None else self._entries.get(match.entry_id)
             if match.entry_id is not None and entry is None:
                 stale.append(i)
-            span = (match.span_start, match.span_len)
+            span = (match.start, match.end)
             if span not in held.counted_spans:
                 held.counted_spans.add(span)
                 if entry is None:
@@ -223,6 +227,8 @@ class ChunkIndex(BaseChunkIndex):
 
     def unlock(self, rid: Hashable) -> int:
         """Release all locks of ``rid``; idempotent (unknown rid -> 0).
+
+        Returns the tokens ``rid`` held.
 
         An entry whose last lock goes becomes evictable as the most recently used one (it was in
         use until now); entries freed by one call join the LRU in the order ``rid`` locked them.
@@ -243,7 +249,7 @@ class ChunkIndex(BaseChunkIndex):
                 self._evictable_size += entry.length
         return unlocked_len
 
-    # ------------------------------------------------------------------ evict / clear
+    # ------------------------------------------------------------------ evict / reset
 
     def evict(self, num_tokens: int, *, older_than: float | None = None) -> ChunkEvictResult:
         """Evict unlocked entries, least recently used first, until ``num_tokens`` are freed.
@@ -263,14 +269,6 @@ class ChunkIndex(BaseChunkIndex):
         self._evictions += evicted
         self._evicted_tokens += freed
         return ChunkEvictResult(freed, evicted)
-
-    def clear(self) -> int:
-        """Evict every entry and forget all requests; no request may hold a lock."""
-        if self._locked_size:
-            holders = [rid for rid, held in self._locks.items() if held.entry_ids]
-            raise RuntimeError(f"cannot clear the chunk index: requests {holders} hold locks")
-        self._locks.clear()
-        return self.evict(self._evictable_size).num_tokens_evicted
 
     def reset(self) -> None:
         """Forget every entry and lock *without* freeing their slots; counters are kept.
@@ -326,6 +324,7 @@ class ChunkIndex(BaseChunkIndex):
         )
 
     def check_integrity(self) -> None:
+        """Raise ``AssertionError`` if any internal invariant is broken."""
         in_buckets = {}
         for (namespace, digest), bucket in self._buckets.items():
             assert bucket, f"empty bucket {digest!r} left behind"
@@ -397,18 +396,3 @@ class ChunkIndex(BaseChunkIndex):
             del self._buckets[key]
         self._evictable_size -= entry.length
         self._allocator.free(entry.kv_loc)
-
-    @staticmethod
-    def _redundant_slots(entry: ChunkEntry, kv_loc: torch.Tensor) -> torch.Tensor | None:
-        if ChunkIndex._duplicate_of(entry, kv_loc):
-            return None
-        if torch.isin(kv_loc, entry.kv_loc.to(kv_loc.device)).any():
-            raise ValueError(
-                f"kv_loc of a duplicate insert overlaps the slots of entry {entry.entry_id} "
-                "without being equal to them"
-            )
-        return kv_loc
-
-    @staticmethod
-    def _duplicate_of(entry: ChunkEntry, kv_loc: torch.Tensor) -> bool:
-        return entry.kv_loc.device == kv_loc.device and torch.equal(entry.kv_loc, kv_loc)

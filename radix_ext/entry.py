@@ -1,4 +1,4 @@
-"""What the index keeps per chunk and per request, and validation of chunk values."""
+"""What the index keeps per chunk and per request, and checks of the chunk values it takes."""
 
 from __future__ import annotations
 
@@ -52,3 +52,24 @@ def as_positions(positions: int | torch.Tensor, chunk_len: int) -> torch.Tensor:
     if start < 0:
         raise ValueError(f"start position must be >= 0, got {start}")
     return torch.arange(start, start + chunk_len, dtype=torch.int64)
+
+
+def redundant_slots(entry: ChunkEntry, kv_loc: torch.Tensor) -> torch.Tensor | None:
+    """The caller's slots that a duplicate insert of ``entry`` leaves for the caller to free.
+
+    ``None`` when ``kv_loc`` are exactly the entry's own slots (nothing to free). Slots that
+    overlap the entry's without being equal to them would be freed twice later, so they raise
+    ``ValueError``.
+    """
+    if _same_slots(entry, kv_loc):
+        return None
+    if torch.isin(kv_loc, entry.kv_loc.to(kv_loc.device)).any():
+        raise ValueError(
+            f"kv_loc of a duplicate insert overlaps the slots of entry {entry.entry_id} "
+            "without being equal to them"
+        )
+    return kv_loc
+
+
+def _same_slots(entry: ChunkEntry, kv_loc: torch.Tensor) -> bool:
+    return entry.kv_loc.device == kv_loc.device and torch.equal(entry.kv_loc, kv_loc)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from radix_ext.base import TokenIds
+    from radix_ext.chunk_types import TokenIds
 
 TOKEN_BYTES = 8
 """Bytes per packed token id (int64)."""

@@ -8,7 +8,7 @@ Packages, by job:
     ``sglang_cacheblend.blend``   the algorithm in plain torch (no SGLang imports)
     ``radix_ext``                 the non-prefix chunk index (no SGLang imports)
     ``sglang_cacheblend.srt``     the SGLang glue: plugin, radix-cache backend, model path
-    ``sglang_cacheblend.models``  the embedded default model (SmolLM2-135M-Instruct)
+    ``sglang_cacheblend.embedded_model``  the embedded default model (SmolLM2-135M-Instruct)
 
 Client API: ``chunk(text)`` marks a reusable chunk (``s += cb.chunk(passage)`` in an
 ``sgl.function``, or inside ``/generate`` text and chat messages); ``precompute_chunks(base_url,

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from sglang_cacheblend.eval import bench as bench_cmd
 from sglang_cacheblend.eval import quality as quality_cmd
-from sglang_cacheblend.models import ModelPreparationError
+from sglang_cacheblend.embedded_model import ModelPreparationError
 
 
 def _cmd_prepare_model(args: argparse.Namespace) -> int:
-    from sglang_cacheblend.models import prepare_model
+    from sglang_cacheblend.embedded_model import prepare_model
 
     prepared = prepare_model(args.cache_dir, force=args.force)
     state = "built" if prepared.built else "already prepared"
@@ -29,19 +29,19 @@ def _cmd_prepare_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace, sglang_args: list[str]) -> int:
-    from sglang_cacheblend.launch import launch_command
-    from sglang_cacheblend.models import ensure_model
+    from sglang_cacheblend.embedded_model import ensure_model
+    from sglang_cacheblend.launch import launch_command, server_env
 
     model_path = None if "--model-path" in sglang_args else ensure_model(args.cache_dir)
     cmd = launch_command(sglang_args, model_path=model_path)
     print("+ " + " ".join(cmd), flush=True)
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, {**os.environ, **server_env()})
     return 0  # not reached
 
 
 def _cmd_demo(args: argparse.Namespace, sglang_args: list[str]) -> int:
     from sglang_cacheblend.demo import run_demo
-    from sglang_cacheblend.models import ensure_model
+    from sglang_cacheblend.embedded_model import ensure_model
 
     model_path = ensure_model(args.cache_dir)
     log_path = Path(tempfile.gettempdir()) / "sglang-cacheblend-demo-server.log"
@@ -87,20 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo = sub.add_parser("demo", help="start a server, ask one RAG question, print the answer")
     demo.add_argument("--port", type=int, default=30123)
-    quality = sub.add_parser(
-        "eval",
-        help="quality and fidelity to full prefill per mode (MuSiQue F1, KL, answer agreement)",
-        description=quality_cmd.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    quality_cmd.add_arguments(quality)
-    bench = sub.add_parser(
-        "bench",
-        help="TTFT and throughput: full prefill, prefix cache, full KV reuse, CacheBlend",
-        description=bench_cmd.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    bench_cmd.add_arguments(bench)
+    for name, module, help_text in (
+        ("eval", quality_cmd,
+         "quality and fidelity to full prefill per mode (MuSiQue F1, KL, answer agreement)"),
+        ("bench", bench_cmd,
+         "TTFT and throughput: full prefill, prefix cache, full KV reuse, CacheBlend"),
+    ):
+        command = sub.add_parser(name, help=help_text, description=module.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(command)
     return parser
 
 

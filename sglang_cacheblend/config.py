@@ -14,7 +14,9 @@ selective recompute (Sec. 4.2) and gradual filtering (Sec. 4.3):
 Ratio 1.0 recomputes everything (it must equal full prefill); ratio 0.0 is full KV reuse (only
 the tokens without cached KV are recomputed after the check layer).
 
-Every invalid value raises ValueError naming the field (wrong types included, by design).
+Every invalid value raises ValueError naming the field (wrong types included, by design). This
+module imports neither torch nor :mod:`sglang_cacheblend.blend` (a test checks it), so option
+parsers and clients validate settings without loading the algorithm.
 """
 
 from __future__ import annotations
@@ -24,9 +26,21 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sglang_cacheblend.blend.registry import selector_names
+__all__ = ["SELECTOR_NAMES", "BlendConfig"]
 
-__all__ = ["BlendConfig"]
+# The vocabulary of ``BlendConfig.selector``, kept here as plain strings so the config imports
+# without torch or the rules; ``sglang_cacheblend.blend.registry`` refuses to import if its rule
+# classes drift from it.
+SELECTOR_NAMES: tuple[str, ...] = (
+    "v_deviation",
+    "k_deviation",
+    "question_attention",
+    "question_attention_cached",
+    "attention_x_v_deviation",
+    "attention_plus_k_deviation",
+    "question_output_error",
+    "question_lookahead",
+)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -56,19 +70,20 @@ class BlendConfig:
         0-based layer after which the first selection is made. Layers ``0..check_layer`` run on
         all tokens. Default 1, as in the original code and LMCache (layer 0's KV does not depend
         on other tokens, so layer 1 is the first with any deviation). Layer 0 is cheaper and
-        works with every rule, but only the question-attention rules see anything there (16% of
-        the KL gap at 15% in the sweep, vs 4% for V deviation).
+        works with every rule, but only the question-attention rules see anything there (the
+        ``@L0`` rows of ``docs/results/selector_sweep.md``).
     selector : str
-        Name of the scoring rule in :data:`sglang_cacheblend.blend.registry.SELECTORS`: the
+        Name of the scoring rule, one of :data:`SELECTOR_NAMES` (the rule classes are in
+        :data:`sglang_cacheblend.blend.registry.SELECTORS`): the
         deviation rules ``"v_deviation"`` (original CacheBlend) and ``"k_deviation"``
         (LMCache); the question-attention rules ``"question_attention"``,
         ``"question_attention_cached"``, ``"attention_x_v_deviation"``,
         ``"attention_plus_k_deviation"`` and ``"question_output_error"`` (they read the
         suffix's queries); ``"question_lookahead"`` (the default), which runs the suffix ahead
         through the later layers on the cached KV and recomputes the rows the question reads
-        there. The default is chosen by measurement (``docs/results/selector_sweep_lookahead.md``,
-        SmolLM2-135M, musique items, 4 passages): it closes more of the reuse-to-full-prefill KL
-        gap than V deviation at every budget, for ~1% more computed rows (the lookahead).
+        there. The default is chosen by measurement: in the sweep it closed more of the
+        reuse-to-full-prefill KL gap than V deviation at every budget, for a few more computed
+        rows (the lookahead's; ``docs/results/selector_sweep_lookahead.md``).
     gradual : tuple of (int, float)
         The gradual-filtering schedule: ``(layer, ratio)`` steps. After computing ``layer`` the
         selection is (re)made with ``ratio``. Empty means a single selection at ``check_layer``
@@ -76,10 +91,10 @@ class BlendConfig:
         step's layer must be ``check_layer``, layers must strictly increase, ratios must not
         increase, and the last ratio must equal ``recompute_ratio``. Use :meth:`linear` to build
         one. ``BlendConfig.linear(0.3, 0.15, 1, 8)`` (V deviation) closed more of the gap than any
-        single check at 15% in the sweep (37%, lower KL than the single check on 8 of 10 items),
-        for ~9% more computed rows, but it stays opt-in: a non-empty default would have to match
-        every ``recompute_ratio`` and ``check_layer`` a caller sets (the server flags build
-        gradual schedules with :meth:`linear`).
+        single check at 15% in the sweep, for more computed rows
+        (``docs/results/selector_sweep.md``), but it stays opt-in: a non-empty default would have
+        to match every ``recompute_ratio`` and ``check_layer`` a caller sets (the server flags
+        build gradual schedules with :meth:`linear`).
     min_selected_tokens : int
         Lower bound on the number of reused tokens recomputed by a selection step whose ratio is
         above 0 (short prompts), capped at the number of reused tokens. Default 1.
@@ -101,9 +116,9 @@ class BlendConfig:
         _check_int("check_layer", self.check_layer, 0)
         _check_int("min_selected_tokens", self.min_selected_tokens, 0)
         _check_int("min_reused_tokens", self.min_reused_tokens, 0)
-        if not isinstance(self.selector, str) or self.selector not in selector_names():
+        if not isinstance(self.selector, str) or self.selector not in SELECTOR_NAMES:
             raise ValueError(
-                f"BlendConfig.selector must be one of {sorted(selector_names())}, "
+                f"BlendConfig.selector must be one of {sorted(SELECTOR_NAMES)}, "
                 f"got {self.selector!r}"
             )
         if not isinstance(self.gradual, tuple):

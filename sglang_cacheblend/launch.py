@@ -82,7 +82,7 @@ def serve_argv(user_args: list[str], *, model_path: Path | None = None) -> list[
     argv = list(user_args)
     if not _given(argv, "--model-path") and not _given(argv, "--model"):
         if model_path is None:
-            from sglang_cacheblend.models import ensure_model
+            from sglang_cacheblend.embedded_model import ensure_model
 
             model_path = ensure_model()
         argv += ["--model-path", str(model_path)]
@@ -93,6 +93,14 @@ def serve_argv(user_args: list[str], *, model_path: Path | None = None) -> list[
             if not _given(argv, flag):
                 argv += [flag] if value is None else [flag, value]
     return argv
+
+
+def server_env() -> dict[str, str]:
+    """Environment additions for a server ``serve`` starts: off CUDA, the plugin's rotary fix
+    (needed by SGLang on this device whether or not CacheBlend is enabled)."""
+    from sglang_cacheblend.srt.server_options import NATIVE_ROTARY_ENV_VAR
+
+    return {} if has_cuda() else {NATIVE_ROTARY_ENV_VAR: "1"}
 
 
 def launch_command(user_args: list[str], *, model_path: Path | None = None) -> list[str]:
@@ -133,7 +141,7 @@ class ServerProcess:
         )
         log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         self._log_file = log
-        env = {**os.environ, **(self.env or {})}
+        env = {**os.environ, **server_env(), **(self.env or {})}
         self._proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )

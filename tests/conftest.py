@@ -20,7 +20,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:
-    from sglang_cacheblend.models import ensure_model
+    from sglang_cacheblend.embedded_model import ensure_model
 
     return ensure_model()
 

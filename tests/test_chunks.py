@@ -13,14 +13,14 @@ from sglang_cacheblend.chunks import (
     ACTION_PRECOMPUTE,
     CHUNK_CLOSE,
     CHUNK_OPEN,
-    ChunkAction,
+    ClientAction,
     ChunkedPrompt,
     Segment,
     chunk_hints,
     contains_markers,
     precompute_hints,
     precompute_prompt,
-    read_chunk_action,
+    read_client_action,
     sink_ids,
     sink_variant,
     special_affixes,
@@ -182,17 +182,16 @@ def test_client_envelopes_read_back():
     hints = chunk_hints([(3, 9), (9, 12)])
     assert hints["actions"][0]["action_type"] == ACTION_CHUNKS
     assert hints["protocol_version"] and hints["message_id"] and hints["actions"][0]["action_id"]
-    action = read_chunk_action(_triples(hints), normalized=False)
-    assert action == ChunkAction(False, ((3, 9), (9, 12)))
-    pre = read_chunk_action(_triples(precompute_hints()), normalized=False)
+    action = read_client_action(_triples(hints))
+    assert action == ClientAction(False, ((3, 9), (9, 12)))
+    pre = read_client_action(_triples(precompute_hints()))
     assert pre.precompute and pre.spans == ()
-    assert read_chunk_action([("other.kind", "7", None)], normalized=False) is None
-
-
-def test_server_payload_round_trips():
-    action = ChunkAction(True, ((1, 40),), "standalone-after:1")
-    back = read_chunk_action([(action.action_type, "1", action.payload())], normalized=True)
-    assert back == action and back.action_type == ACTION_PRECOMPUTE
+    assert read_client_action([("other.kind", "7", None)]) is None
+    tuned = read_client_action(_triples(chunk_hints([(0, 4)], recompute_ratio=0.3,
+                                                     selector="v_deviation", gradual=[(1, 0.3)])))
+    assert (tuned.recompute_ratio, tuned.selector, tuned.gradual) == (0.3, "v_deviation",
+                                                                       ((1, 0.3),))
+    assert tuned.overrides_blend and not action.overrides_blend
 
 
 @pytest.mark.parametrize(
@@ -203,21 +202,17 @@ def test_server_payload_round_trips():
         ([(ACTION_CHUNKS, "1", [1, 2])], "payload must be an object"),
         ([(ACTION_CHUNKS, "1", {"spans": [[0, 2]]})] * 2, "2 CacheBlend actions"),
         ([(ACTION_CHUNKS, "1", {"spans": [[2, 4], [0, 1]]})], "sorted"),
+        ([(ACTION_CHUNKS, "1", {"spans": [[0, 2]], "variant": "x"})], "unknown keys"),
+        ([(ACTION_CHUNKS, "1", {"spans": [[0, float("inf")]]})], "pair of ints"),
+        ([(ACTION_CHUNKS, "1", {"spans": [[0, 2]], "selector": ["v_deviation"]})], "selector"),
+        ([(ACTION_CHUNKS, "1", {"spans": [[0, 2]], "recompute_ratio": float("nan")})],
+         "recompute_ratio"),
+        ([(ACTION_CHUNKS, "1", {"spans": [[0, 2]], "gradual": [[1, 2.0]]})], "gradual"),
     ],
 )
 def test_bad_client_actions_are_named(actions, message):
     with pytest.raises(ValueError, match=message):
-        read_chunk_action(actions, normalized=False)
-
-
-def test_server_actions_need_a_variant_and_one_precompute_span():
-    with pytest.raises(ValueError, match="variant"):
-        read_chunk_action([(ACTION_CHUNKS, "1", {"spans": [[0, 2]]})], normalized=True)
-    with pytest.raises(ValueError, match="one chunk"):
-        read_chunk_action(
-            [(ACTION_PRECOMPUTE, "1", {"spans": [[1, 2], [2, 3]], "variant": "v"})],
-            normalized=True,
-        )
+        read_client_action(actions)
 
 
 def test_package_import_stays_light():
@@ -229,12 +224,8 @@ def test_package_import_stays_light():
     assert out.stdout.strip() == "False"
 
 
-def test_variant_sink_reads_back_the_sink_of_a_variant():
-    from sglang_cacheblend.chunks import sink_variant, variant_sink
-
-    assert variant_sink(sink_variant((1,))) == (1,)
-    assert variant_sink(sink_variant((198, 7))) == (198, 7)
-    with pytest.raises(ValueError, match="not a standalone-chunk variant"):
-        variant_sink("something-else")
-    with pytest.raises(ValueError, match="malformed"):
-        variant_sink("standalone-after:a,b")
+def test_sink_variant_names_the_sink():
+    assert sink_variant((1,)) != sink_variant((198, 7))
+    assert sink_variant((198, 7)) == sink_variant([198, 7])
+    with pytest.raises(ValueError, match="at least one token"):
+        sink_variant(())

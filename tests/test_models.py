@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sglang_cacheblend import cli
-from sglang_cacheblend.models import (
+from sglang_cacheblend.embedded_model import (
     GGUF_MEMBER,
     MANIFEST_NAME,
     MODEL_DIRNAME,

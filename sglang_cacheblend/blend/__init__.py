@@ -3,14 +3,14 @@
 Data each part expects and returns (one request = one prompt; ``rows`` are a request's new
 tokens in position order; ``positions`` are absolute positions in the new prompt, 0-based):
 
-RoPE realignment (:mod:`.rope`, :mod:`.rotary`)
+RoPE realignment (:mod:`.realign`, :mod:`.rotary_config`)
     ``realign_keys(keys, old_positions, new_positions, rotary) -> keys'``
     keys ``(num_tokens, num_kv_heads, head_dim)`` fp32/fp16/bf16 post-RoPE at ``old_positions``
     ``(num_tokens,)`` int; returns keys post-RoPE at ``new_positions`` (any delta, negative
     too). ``realign_keys_inplace`` does it in place. ``RotaryConfig.from_hf_config(hf_config)``
     describes the model's RoPE and refuses scalings that cannot be realigned (yarn, dynamic, ...).
 
-HKVD selection (:mod:`.base`, :mod:`.budget`, ``rules/``, :mod:`.registry`)
+HKVD selection (:mod:`.selection`, :mod:`.budget`, ``rules/``, :mod:`.registry`)
     ``SelectionInputs(fresh_k, fresh_v, cached_k, cached_v, reuse_mask, suffix_q=None,
     positions=None, context_k=None)``: K/V ``(num_rows, num_kv_heads, head_dim)`` of one request
     at one layer, cached K realigned, ``reuse_mask (num_rows,)`` bool; ``suffix_q`` the queries
@@ -37,20 +37,27 @@ Scattered-row attention (:mod:`.attention`)
     ``q (total_q, num_q_heads, head_dim)`` and ``k, v (total_k, num_kv_heads, head_dim)``
     (request ``b``'s keys are all its positions ``0..kv_len_b-1``); a query at position ``p``
     sees keys ``<= p`` exactly. Returns ``(total_q, num_q_heads, head_dim)``.
-    ``scattered_attention(...)`` is the one-shot form.
+    ``ScatteredAttention.for_request(q_positions, kv_len, dims, dtype=, device=)`` plans a batch
+    of one request (``dims``: anything with ``num_q_heads``, ``num_kv_heads``, ``head_dim``).
+
+Blended forward (:mod:`.forward`, over the interfaces of :mod:`.decoder`)
+    ``blended_prefill(model, input_ids, positions, reuse_mask, cached_k, cached_v, config)``
+    runs one request through a ``DecoderOps`` (:mod:`.hf_llama` adapts transformers; ``srt/``
+    adapts SGLang), its KV behind a ``KVStore``; ``DecoderDims.from_hf_config`` reads the head
+    counts of an HF config.
 
 Configuration lives in :class:`sglang_cacheblend.config.BlendConfig`.
 """
 
 from __future__ import annotations
 
-from sglang_cacheblend.blend.attention import ScatteredAttention, scattered_attention
-from sglang_cacheblend.blend.base import SelectionInputs, Selector
+from sglang_cacheblend.blend.attention import ScatteredAttention
 from sglang_cacheblend.blend.budget import select_top_rows, selection_budget
 from sglang_cacheblend.blend.plan import BlendPlan
+from sglang_cacheblend.blend.realign import realign_keys, realign_keys_inplace
 from sglang_cacheblend.blend.registry import SELECTORS, build_selector
-from sglang_cacheblend.blend.rope import realign_keys, realign_keys_inplace
-from sglang_cacheblend.blend.rotary import RotaryConfig
+from sglang_cacheblend.blend.rotary_config import RotaryConfig
+from sglang_cacheblend.blend.selection import SelectionInputs, Selector
 
 __all__ = [
     "SELECTORS",
@@ -62,7 +69,6 @@ __all__ = [
     "build_selector",
     "realign_keys",
     "realign_keys_inplace",
-    "scattered_attention",
     "select_top_rows",
     "selection_budget",
 ]

@@ -23,10 +23,9 @@ one-row block needs no mask. Each torch op on a CPU is a thread-pool round trip,
 scheduler tick when the cores are busy, so ``run`` issues one SDPA call per block, one copy to
 fold the queries and one ``cat``.
 
-Measured with ``benchmarks/bench_scattered_attention.py`` (SmolLM2 shape: 9 q / 3 kv heads,
-head_dim 64; 2 threads; 15% of rows; ``docs/results/attention_bench.md``): 80-row blocks are the
-fastest of 48/64/80/96/128; 4.7-4.8x faster than dense causal SDPA at N = 3.6k and 5.2x at 8k,
-where stock SDPA with one dense boolean ``(rows, kv_len)`` mask per request reaches ~3.3x.
+``DEFAULT_BLOCK_ROWS`` is the fastest block size that ``benchmarks/bench_scattered_attention.py``
+tried; its figures (block sizes, and the speed-up over dense causal SDPA and over stock SDPA with
+one dense boolean ``(rows, kv_len)`` mask per request) are in ``docs/results/attention_bench.md``.
 
 CUDA path: :mod:`.attention_flashinfer` (ragged prefill with a custom mask).
 """
@@ -35,11 +34,12 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ScatteredAttention", "scattered_attention"]
+__all__ = ["AttentionHeads", "ScatteredAttention"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_BLOCK_ROWS = 80
@@ -54,6 +54,20 @@ class _Block:
     k_start: int
     kv_len: int
     mask: torch.Tensor | None  # (q_end - q_start, kv_len) additive, run dtype; None = all visible
+
+
+class AttentionHeads(Protocol):
+    """The head layout a plan needs: a :class:`~.decoder.DecoderOps` or
+    :class:`~.decoder.DecoderDims` has it."""
+
+    @property
+    def num_q_heads(self) -> int: ...
+
+    @property
+    def num_kv_heads(self) -> int: ...
+
+    @property
+    def head_dim(self) -> int: ...
 
 
 def _check_offsets(name: str, cu: torch.Tensor, total: int) -> list[int]:
@@ -161,6 +175,41 @@ class ScatteredAttention:
         else:
             self._blocks = self._plan_blocks(positions, block_rows)
 
+    @classmethod
+    def for_request(
+        cls,
+        q_positions: torch.Tensor,
+        kv_len: int,
+        dims: AttentionHeads,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> ScatteredAttention:
+        """The plan of a batch of one request, the case of every caller in the blended forward.
+
+        Parameters
+        ----------
+        q_positions : torch.Tensor
+            Shape ``(num_q,)``, int32/int64: absolute positions of the request's query rows,
+            strictly increasing and ``< kv_len``.
+        kv_len : int
+            The request's keys are its positions ``0..kv_len-1``.
+        dims : AttentionHeads
+            Head counts and head dim (a ``DecoderOps`` or ``DecoderDims``).
+        dtype, device
+            As in the constructor; the other parameters take their defaults.
+        """
+        return cls(
+            q_positions,
+            torch.tensor([0, q_positions.numel()], dtype=torch.int64),
+            torch.tensor([0, kv_len], dtype=torch.int64),
+            num_q_heads=dims.num_q_heads,
+            num_kv_heads=dims.num_kv_heads,
+            head_dim=dims.head_dim,
+            dtype=dtype,
+            device=device,
+        )
+
     def _check_positions(self, positions: torch.Tensor) -> None:
         for b in range(len(self.q_offsets) - 1):
             pos = positions[self.q_offsets[b] : self.q_offsets[b + 1]]
@@ -178,7 +227,7 @@ class ScatteredAttention:
                 continue
             k0, rows = self.k_offsets[b], positions[q0:q1]
             # One additive mask per request, then a contiguous copy per block (SDPA reads a
-            # strided mask view ~5% slower), over the keys up to the block's last position.
+            # strided mask view more slowly), over the keys up to the block's last position.
             span = int(rows[-1]) + 1
             hidden = torch.arange(span)[None, :] > rows[:, None]
             mask = torch.zeros(hidden.shape, dtype=self.dtype).masked_fill_(hidden, float("-inf"))
@@ -266,34 +315,3 @@ def _pick_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str
 
 def _last(cu: torch.Tensor) -> int:
     return int(cu[-1]) if cu.numel() else 0
-
-
-def scattered_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_positions: torch.Tensor,
-    cu_q: torch.Tensor,
-    cu_k: torch.Tensor,
-    *,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """One-shot :class:`ScatteredAttention`: plan for these rows and run once.
-
-    Shapes as in :class:`ScatteredAttention` and :meth:`ScatteredAttention.run`. Prefer the
-    class when the same rows run through several layers.
-    """
-    if q.dim() != 3 or k.dim() != 3:
-        raise ValueError("q and k must be 3-D (rows, heads, head_dim)")
-    plan = ScatteredAttention(
-        q_positions,
-        cu_q,
-        cu_k,
-        num_q_heads=q.shape[1],
-        num_kv_heads=k.shape[1],
-        head_dim=q.shape[2],
-        dtype=q.dtype,
-        device=q.device,
-        scale=scale,
-    )
-    return plan.run(q, k, v)

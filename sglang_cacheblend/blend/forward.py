@@ -1,8 +1,9 @@
 """The blended prefill of one request, top to bottom, over any Llama-family decoder.
 
-This is CacheBlend's forward pass written once against a small interface (:class:`DecoderOps`),
-so the same loop runs over transformers' Llama modules (:mod:`.hf_llama`, the exactness and
-quality reference) and, through an adapter, over SGLang's layers. Per layer::
+This is CacheBlend's forward pass written once against a small interface
+(:class:`.decoder.DecoderOps`, with the request's KV behind :class:`.decoder.KVStore`), so the
+same loop runs over transformers' Llama modules (:mod:`.hf_llama`, the exactness and quality
+reference) and, through an adapter, over SGLang's layers. Per layer::
 
     rows = plan.rows(layer)                      all rows through the check layer, then HKVD rows
     x = norm_in(hidden[rows]); q, k, v = qkv(x, positions[rows])      k after RoPE
@@ -21,7 +22,7 @@ ratio gives a full prefill too.
 
 Shapes: ``N`` rows (the request's tokens, position order), ``L`` layers, ``H`` hidden size,
 ``Hq``/``Hkv`` query/KV heads, ``D`` head dim. Cached K/V are ``(L, N, Hkv, D)`` already realigned
-to the rows' positions (:func:`.rope.realign_keys`); rows with ``reuse_mask`` False hold
+to the rows' positions (:func:`.realign.realign_keys`); rows with ``reuse_mask`` False hold
 anything.
 """
 
@@ -29,106 +30,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple
 
 import torch
 
 from sglang_cacheblend.blend.attention import ScatteredAttention
-from sglang_cacheblend.blend.base import SelectionInputs, Selector
+from sglang_cacheblend.blend.decoder import DecoderOps, KVStore, TensorKVStore
 from sglang_cacheblend.blend.lookahead import suffix_lookahead
 from sglang_cacheblend.blend.plan import BlendPlan
+from sglang_cacheblend.blend.selection import SelectionInputs, Selector
 from sglang_cacheblend.config import BlendConfig
 
 __all__ = [
-    "BlendResult", "DecoderDims", "DecoderOps", "Extension", "KVStore", "TensorKVStore",
-    "blend_layers", "blended_prefill", "extend", "extend_with_kv", "full_prefill",
-    "suffix_length",
+    "BlendResult", "Extension", "blend_layers", "blended_prefill", "extend", "extend_with_kv",
+    "full_prefill", "suffix_length",
 ]
-
-
-@dataclass(frozen=True)
-class DecoderDims:
-    """Layer and head counts of a Llama-family config (HF-style attribute names)."""
-
-    num_layers: int
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
-
-    @classmethod
-    def from_hf_config(cls, config: Any) -> "DecoderDims":
-        head_dim = getattr(config, "head_dim", None) or (
-            config.hidden_size // config.num_attention_heads
-        )
-        return cls(config.num_hidden_layers, config.num_attention_heads,
-                   config.num_key_value_heads, head_dim)
-
-
-class DecoderOps(Protocol):
-    """The parts of a decoder-only model the blended forward needs (no fused residuals)."""
-
-    num_layers: int
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``(N,)`` int64 -> ``(N, H)``."""
-
-    def qkv(
-        self, layer: int, hidden: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Input norm, projections and RoPE: ``(n, H)`` -> q ``(n, Hq, D)``, k/v ``(n, Hkv, D)``."""
-
-    def attn_out(self, layer: int, attn: torch.Tensor) -> torch.Tensor:
-        """Output projection: ``(n, Hq, D)`` -> ``(n, H)``."""
-
-    def mlp(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Post-attention norm and MLP: ``(n, H)`` -> ``(n, H)`` (the residual is added outside)."""
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head: ``(n, H)`` -> ``(n, V)``, float32."""
-
-
-class KVStore(Protocol):
-    """Where one request's per-layer K/V live: keys for positions ``0..kv_len-1`` in order.
-
-    Rows index the request's *new* tokens (the ones being prefilled); a cached prefix, if any,
-    occupies the first ``kv_len - N`` positions and is only read.
-    """
-
-    kv_len: int
-
-    def cached(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached (realigned) K/V of ``rows`` before they are overwritten at ``layer``."""
-
-    def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store fresh K/V of ``rows`` at ``layer``."""
-
-    def keys_values(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """All ``(kv_len, Hkv, D)`` K/V of the request at ``layer``, position order."""
-
-
-@dataclass
-class TensorKVStore:
-    """``KVStore`` over ``(L, N, Hkv, D)`` tensors (the whole request is new rows)."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-
-    @property
-    def kv_len(self) -> int:
-        return self.k.shape[1]
-
-    def cached(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[layer, rows], self.v[layer, rows]
-
-    def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[layer, rows] = k
-        self.v[layer, rows] = v
-
-    def keys_values(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[layer], self.v[layer]
 
 
 @dataclass(frozen=True)
@@ -191,17 +107,14 @@ def blend_layers(
         raise ValueError("the last row must not be reused: its logits feed sampling")
     plan = BlendPlan(config, reuse_mask, model.num_layers, selector)
     num_suffix = suffix_length(reuse_mask)
-    cu_k = torch.tensor([0, kv.kv_len], dtype=torch.int64)
     attention: ScatteredAttention | None = None
     planned_rows: torch.Tensor | None = None
     for layer in range(model.num_layers):
         rows = plan.rows(layer)
         if rows is not planned_rows:  # plan the attention once per row set, not per layer
             planned_rows = rows
-            attention = ScatteredAttention(
-                positions[rows], torch.tensor([0, rows.numel()], dtype=torch.int64), cu_k,
-                num_q_heads=model.num_q_heads, num_kv_heads=model.num_kv_heads,
-                head_dim=model.head_dim, dtype=hidden.dtype, device=hidden.device,
+            attention = ScatteredAttention.for_request(
+                positions[rows], kv.kv_len, model, dtype=hidden.dtype, device=hidden.device
             )
         x = hidden[rows]
         q, k, v = model.qkv(layer, x, positions[rows])
@@ -247,7 +160,7 @@ def _selection_inputs(
 ) -> SelectionInputs:
     """What the selector sees at a selection layer, read before the fresh K/V are written.
 
-    With ``num_suffix`` (only for rules that read it, :attr:`.base.Selector.reads_suffix`): the
+    With ``num_suffix`` (only for rules that read it, :attr:`.selection.Selector.reads_suffix`): the
     suffix rows are the last ``num_suffix`` of ``rows`` (never-reused rows are in every row set),
     and ``context_k`` is every stored key whose position is not one of ``rows``: a cached prefix
     and the reused rows this layer does not compute (their cached, realigned K); all of them
@@ -349,10 +262,8 @@ def extend_with_kv(model: DecoderOps, k_prefix: torch.Tensor, v_prefix: torch.Te
     and run one token per step instead of the whole continuation again."""
     prefix_len, m = k_prefix.shape[1], input_ids.numel()
     positions = torch.arange(prefix_len, prefix_len + m)
-    attention = ScatteredAttention(
-        positions, torch.tensor([0, m]), torch.tensor([0, prefix_len + m]),
-        num_q_heads=model.num_q_heads, num_kv_heads=model.num_kv_heads,
-        head_dim=model.head_dim, dtype=k_prefix.dtype, device=k_prefix.device,
+    attention = ScatteredAttention.for_request(
+        positions, prefix_len + m, model, dtype=k_prefix.dtype, device=k_prefix.device
     )
     hidden = model.embed(input_ids)
     new_k, new_v = [], []

@@ -1,8 +1,8 @@
-""":class:`~.forward.DecoderOps` over a transformers ``LlamaForCausalLM`` (and Mistral/Qwen2).
+""":class:`~.decoder.DecoderOps` over a transformers ``LlamaForCausalLM`` (and Mistral/Qwen2).
 
 The reference the SGLang path is checked against, and the engine of offline quality
 measurements: transformers' own modules do every projection, norm and MLP; RoPE comes from
-:func:`.rope.realign_keys` (rotating from position 0 is applying RoPE), so the rotary styles the
+:func:`.realign.realign_keys` (rotating from position 0 is applying RoPE), so the rotary styles the
 realignment supports are exactly the ones this adapter runs.
 """
 
@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from sglang_cacheblend.blend.forward import DecoderDims
-from sglang_cacheblend.blend.rope import realign_keys
-from sglang_cacheblend.blend.rotary import RotaryConfig
+from sglang_cacheblend.blend.decoder import DecoderDims
+from sglang_cacheblend.blend.realign import realign_keys
+from sglang_cacheblend.blend.rotary_config import RotaryConfig
 
 __all__ = ["HFLlamaOps"]
 
@@ -25,11 +25,8 @@ class HFLlamaOps:
 
     def __init__(self, model: Any) -> None:
         config = model.config
-        self._model = model
-        self._layers = model.model.layers
-        dims = DecoderDims.from_hf_config(config)
-        self.num_layers, self.num_q_heads = dims.num_layers, dims.num_q_heads
-        self.num_kv_heads, self.head_dim = dims.num_kv_heads, dims.head_dim
+        self._model, self._layers = model, model.model.layers
+        DecoderDims.from_hf_config(config).assign_to(self)
         self.rotary = RotaryConfig.from_hf_config(config)
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -1,23 +1,25 @@
 """Suffix lookahead: where the question will read in the deep layers if the cache is reused.
 
 A selection made after the check layer has to guess which reused rows matter in layers it has
-not computed yet. On SmolLM2 the guess is what decides quality: a first-order estimate of each
-row's effect on the continuation's KL (the gradient of the KL with respect to the row's KV, dotted
-with the row's real deviation; :func:`sglang_cacheblend.eval.selection_ceiling.gradient_ranking`)
-put, on the one item inspected (musique_dev 20, 4 passages, a one-off look at that ranking),
-78% of the effect in 15% of the rows, mostly the passage words the question is about, and
-mostly in the second half of the layers, where layer-1 statistics (V/K deviation, question
-attention at layer 1) do not see them. Ranked this way and recomputed, 15% of the rows close
-59% of the KL gap on items 0-9 (``docs/results/selection_ceiling.md``).
+not computed yet. On SmolLM2 the guess is what decides quality. Ranking rows by a first-order
+estimate of their effect on the continuation's KL (the gradient of the KL with respect to the
+row's KV, dotted with the row's real deviation;
+:func:`sglang_cacheblend.eval.selection_ceiling.gradient_ranking`) and recomputing the top ones
+closes far more of the KL gap than V deviation's ranking at the same budget
+(``docs/results/selection_ceiling.md``). On an item inspected by hand, the rows that ranking puts
+first are mostly the passage words the question is about, and their effect sits mostly in the
+second half of the layers, where layer-1 statistics (V/K deviation, question attention at
+layer 1) do not see it.
 
 The suffix (the question and the chat template's tail) is short and has no cached KV, so it can
 be run *alone* through every later layer right after the check layer, attending to the request's
 KV as it stands: exact KV of the prefix, cached (realigned) KV of every reused row, its own fresh
 KV. That costs ``num_suffix`` rows per later layer (about 1% of a prefill's rows for a
 30-token question over a 2.4k-token prompt) and, in the layers whose masses the rule reads, one
-explicit softmax per layer, whose probabilities give both the masses and the suffix's attention
-output (the other layers use the fused kernel). It yields, for every later layer, the attention
-mass the question puts on each row, which :mod:`.rules.question_lookahead` turns into a score.
+explicit softmax per layer (:mod:`.explicit_attention`), whose probabilities give both the masses
+and the suffix's attention output (the other layers use the fused kernel). It yields, for every
+later layer, the attention mass the question puts on each row, which
+:mod:`.rules.question_lookahead` turns into a score.
 
 The suffix's K/V written during the lookahead are provisional: the suffix is recomputed at every
 layer of the blended pass, which writes its final K/V before any row reads them.
@@ -30,13 +32,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from sglang_cacheblend.blend.attention import ScatteredAttention
+from sglang_cacheblend.blend.explicit_attention import explicit_attention_blocks
 
 if TYPE_CHECKING:
-    from sglang_cacheblend.blend.forward import DecoderOps, KVStore
+    from sglang_cacheblend.blend.decoder import DecoderOps, KVStore
 
 __all__ = ["attention_mass", "suffix_lookahead"]
-
-_BLOCK_QUERY_ROWS = 64
 
 
 def attention_mass(
@@ -67,24 +68,16 @@ def _attend(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`attention_mass` and, with ``values``, the attention output ``(num_q, num_q_heads,
     head_dim)`` in ``q``'s dtype from the same probabilities (one softmax serves both)."""
-    num_q, q_heads, dim = q.shape
-    kv_len, kv_heads, _ = keys.shape
-    group = q_heads // kv_heads
-    k_t = keys.float().permute(1, 2, 0)  # (kv_heads, dim, kv_len)
+    _, q_heads, dim = q.shape
+    kv_len = keys.shape[0]
+    key_positions = torch.arange(kv_len, device=keys.device)
     v_h = None if values is None else values.float().permute(1, 0, 2)  # (kv_heads, kv_len, dim)
-    key_pos = torch.arange(kv_len, device=keys.device)
     total = torch.zeros(kv_len, dtype=torch.float32, device=keys.device)
     outputs = []
-    for start in range(0, num_q, _BLOCK_QUERY_ROWS):
-        end = min(num_q, start + _BLOCK_QUERY_ROWS)
-        rows = end - start
-        block = q[start:end].float().view(rows, kv_heads, group, dim)
-        block = block.permute(1, 2, 0, 3).reshape(kv_heads, group * rows, dim)
-        logits = torch.bmm(block * dim**-0.5, k_t).view(kv_heads, group, rows, kv_len)
-        future = key_pos[None, :] > q_positions[start:end, None].to(keys.device)
-        probs = logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+    for probs in explicit_attention_blocks(q, keys, q_positions, key_positions):
         total += probs.sum(dim=(0, 1, 2))
         if v_h is not None:
+            kv_heads, group, rows, _ = probs.shape
             out = torch.bmm(probs.view(kv_heads, group * rows, kv_len), v_h)
             outputs.append(out.view(kv_heads, group, rows, dim).permute(2, 0, 1, 3)
                            .reshape(rows, q_heads, dim))
@@ -133,11 +126,8 @@ def suffix_lookahead(
     """
     device = suffix_hidden.device
     masses = torch.zeros(model.num_layers, kv.kv_len, dtype=torch.float32, device=device)
-    fused = None if mass_from_layer <= first_layer else ScatteredAttention(
-        suffix_positions, torch.tensor([0, suffix_rows.numel()], dtype=torch.int64),
-        torch.tensor([0, kv.kv_len], dtype=torch.int64),
-        num_q_heads=model.num_q_heads, num_kv_heads=model.num_kv_heads,
-        head_dim=model.head_dim, dtype=suffix_hidden.dtype, device=device,
+    fused = None if mass_from_layer <= first_layer else ScatteredAttention.for_request(
+        suffix_positions, kv.kv_len, model, dtype=suffix_hidden.dtype, device=device
     )
     x = suffix_hidden.clone()
     for layer in range(first_layer, model.num_layers):

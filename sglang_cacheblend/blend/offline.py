@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang_cacheblend.blend.forward import BlendResult, DecoderOps, blended_prefill, full_prefill
-from sglang_cacheblend.blend.rope import realign_keys
-from sglang_cacheblend.blend.rotary import RotaryConfig
+from sglang_cacheblend.blend.decoder import DecoderOps
+from sglang_cacheblend.blend.forward import BlendResult, blended_prefill, full_prefill
+from sglang_cacheblend.blend.realign import realign_keys
+from sglang_cacheblend.blend.rotary_config import RotaryConfig
 from sglang_cacheblend.config import BlendConfig
 
 __all__ = ["BlendedPrompt", "ChunkKV", "blend_prompt", "chunk_kv", "run_blend"]

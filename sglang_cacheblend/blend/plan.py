@@ -34,7 +34,7 @@ from sglang_cacheblend.blend.budget import select_top_rows, selection_budget
 from sglang_cacheblend.blend.registry import build_selector
 
 if TYPE_CHECKING:
-    from sglang_cacheblend.blend.base import SelectionInputs, Selector
+    from sglang_cacheblend.blend.selection import SelectionInputs, Selector
     from sglang_cacheblend.config import BlendConfig
 
 __all__ = ["BlendPlan"]

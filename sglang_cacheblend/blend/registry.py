@@ -1,7 +1,10 @@
 """The selector registry: rule name -> class, built explicitly here (no import-time hooks).
 
-``BlendConfig.selector`` names a key of :data:`SELECTORS`. To add a rule, write one module under
-``rules/`` with a :class:`~sglang_cacheblend.blend.base.Selector` subclass and list it here.
+``BlendConfig.selector`` names a key of :data:`SELECTORS`; the names themselves are
+:data:`sglang_cacheblend.config.SELECTOR_NAMES`, so the config validates without importing torch
+or the rules, and this module refuses to import when the two lists drift apart. To add a rule,
+write one module under ``rules/`` with a :class:`~sglang_cacheblend.blend.selection.Selector`
+subclass, list it here, and add its name to ``SELECTOR_NAMES``.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ from sglang_cacheblend.blend.rules.question_attention import (
 from sglang_cacheblend.blend.rules.question_lookahead import QuestionLookaheadSelector
 from sglang_cacheblend.blend.rules.question_output_error import QuestionOutputErrorSelector
 from sglang_cacheblend.blend.rules.v_deviation import VDeviationSelector
+from sglang_cacheblend.config import SELECTOR_NAMES
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from sglang_cacheblend.blend.base import Selector
+    from sglang_cacheblend.blend.selection import Selector
 
-__all__ = ["SELECTORS", "build_selector", "selector_names"]
+__all__ = ["SELECTORS", "build_selector"]
 
 SELECTORS: Mapping[str, type[Selector]] = MappingProxyType(
     {
@@ -44,11 +48,11 @@ SELECTORS: Mapping[str, type[Selector]] = MappingProxyType(
         )
     }
 )
-
-
-def selector_names() -> frozenset[str]:
-    """Names accepted by ``BlendConfig.selector``."""
-    return frozenset(SELECTORS)
+if tuple(SELECTORS) != SELECTOR_NAMES:
+    raise RuntimeError(
+        f"the registry's rules {tuple(SELECTORS)} differ from config.SELECTOR_NAMES "
+        f"{SELECTOR_NAMES}; list every rule in both, in the same order"
+    )
 
 
 def build_selector(name: str) -> Selector:

@@ -10,6 +10,10 @@ Modules, by job:
     ``quality``   the ``sglang-cacheblend eval`` runner: every mode on every item, report, plots
     ``bench``     TTFT and throughput against a real server (``sglang-cacheblend bench``), with
                   ``load`` (HTTP client, closed and Poisson load loops) and ``bench_report``
+    ``offline_fidelity``  a blended prefill against full prefill without a server: the embedded
+                  model, one item's prompt and continuation, greedy decoding, continuation KL
+    ``selector_sweep``    every selector x budget on musique items, offline (report and plot)
+    ``selection_ceiling`` what oracle rankings close at the same budgets, offline
 
 Importing this package is cheap: submodules are imported where they are used.
 """

@@ -24,8 +24,9 @@ requests or ``--load-seconds`` seconds, whichever comes first, and waits for tho
 
 Arguments the command does not know are SGLang flags for the server it starts. Writes
 ``<out>/<name>.{json,csv,md}`` (:mod:`sglang_cacheblend.eval.results`) and
-``<out>/<name>_ttft.png``. The defaults should take about 10 minutes on an idle 2-core CPU
-(estimated from the timings in DESIGN.md); the full-size run takes hours::
+``<out>/<name>_ttft.png``. The defaults should take about 10 minutes on an idle 2-core CPU (an
+estimate; ``docs/results/bench.md`` records the wall time of a measured run); the full-size run
+takes hours::
 
     sglang-cacheblend bench --chunks 2 6 12 --chunk-sizes 256 512 1024 --reps 3 \\
         --concurrency 4 --rates 0.1 0.2 0.5 --load-requests 16 --load-seconds 300

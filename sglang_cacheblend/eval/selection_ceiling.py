@@ -4,7 +4,7 @@ A selector is judged by the share of the KL gap between plain chunk reuse and fu
 its recomputed rows close (:mod:`.selector_sweep`). This script asks what the best possible
 choice of the same number of rows would close, so a selector's figure can be read against a
 ceiling rather than against 100%. Per item (the sweep's prompt, continuation and teacher forcing:
-:func:`.selector_sweep.prepare_item`) it ranks the reused rows two ways that a real selector
+:func:`.offline_fidelity.prepare_item`) it ranks the reused rows two ways that a real selector
 cannot (both read the full prefill):
 
 * ``deviation``: the row's true KV error, ``|K_full - K_cached|^2 + |V_full - V_cached|^2``
@@ -40,11 +40,12 @@ from typing import Any
 
 import torch
 
-from sglang_cacheblend.blend.base import Selector
 from sglang_cacheblend.blend.budget import selection_budget
-from sglang_cacheblend.blend.forward import DecoderOps, blend_layers, blended_prefill
+from sglang_cacheblend.blend.decoder import DecoderOps
+from sglang_cacheblend.blend.forward import blend_layers, blended_prefill
+from sglang_cacheblend.blend.selection import Selector
 from sglang_cacheblend.config import BlendConfig
-from sglang_cacheblend.eval.selector_sweep import (
+from sglang_cacheblend.eval.offline_fidelity import (
     ItemContext,
     continuation_kl,
     load_offline_model,

@@ -14,6 +14,10 @@ layer-0 variants, plain reuse) one blended prefill of the prompt alone, and:
 * ``recomputed``: rows computed summed over layers / rows of a full prefill (honest cost);
 * ``time_s``: wall time of the blended forward (noisy machines: compare within one run).
 
+The per-item preparation and the per-mode numbers are :mod:`.offline_fidelity`'s (shared with
+:mod:`.selection_ceiling`); this module holds the grid of modes, the summary, the report and the
+command line.
+
 The headline is the gap recovered, ``(KL_reuse - KL_mode) / KL_reuse`` on mean KLs, where reuse is
 ratio 0 with the selection at layer 1 (layers 0-1 on all rows, then only the question). Results
 are written after every item; ``--resume`` keeps the (item, mode) results of an earlier call with
@@ -34,22 +38,15 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
-from sglang_cacheblend.blend.forward import (
-    DecoderOps,
-    blended_prefill,
-    extend,
-    extend_with_kv,
-    full_prefill,
-)
-from sglang_cacheblend.blend.registry import selector_names
-from sglang_cacheblend.config import BlendConfig
+from sglang_cacheblend.config import SELECTOR_NAMES, BlendConfig
+from sglang_cacheblend.eval.offline_fidelity import evaluate_blend, load_offline_model, prepare_item
 
 REUSE_MODE = "reuse"
 DEFAULT_SELECTORS = ("v_deviation", "k_deviation", "question_attention",
@@ -93,140 +90,6 @@ def build_modes(selectors: Sequence[str], budgets: Sequence[float],
                     f"gradual@{check}",
                     BlendConfig.linear(start, end, check, end_layer, selector=sel)))
     return modes
-
-
-@dataclass(frozen=True)
-class ItemContext:
-    """What every mode of one item shares: the laid-out prompt and the full prefill's answer."""
-
-    index: int
-    input_ids: torch.Tensor  # (N,)
-    reuse_mask: torch.Tensor  # (N,) bool: instruction prefix (exact) and chunks
-    cached_k: torch.Tensor  # (L, N, Hkv, D) realigned standalone chunk KV
-    cached_v: torch.Tensor
-    continuation: list[int]  # full prefill's greedy tokens
-    answers: tuple[str, ...]  # the dataset's gold answers
-    full_logprobs: torch.Tensor  # (T, V) float64, teacher-forced
-    full_time_s: float
-
-
-class OfflineModel(NamedTuple):
-    """The embedded model over transformers, and what the offline harnesses need around it."""
-
-    ops: DecoderOps
-    encode: Callable[[str], list[int]]  # plain text -> ids, no special tokens added
-    decode: Callable[[Sequence[int]], str]
-    stop_ids: set[int]
-    sink: tuple[int, ...]  # the attention sink chunks are precomputed after (as the server)
-
-
-def load_offline_model(dtype: torch.dtype) -> OfflineModel:
-    """The embedded model (prepared on first use) in ``dtype``, wrapped for ``blend_layers``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sglang_cacheblend.blend.hf_llama import HFLlamaOps
-    from sglang_cacheblend.chunks import sink_ids
-    from sglang_cacheblend.models import ensure_model
-
-    path = ensure_model()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False).input_ids
-
-    def decode(ids: Sequence[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True)
-
-    stop_ids = {i for i in (tokenizer.eos_token_id,) if i is not None}
-    return OfflineModel(HFLlamaOps(model), encode, decode, stop_ids,
-                        sink_ids(tokenizer.bos_token_id, encode))
-
-
-def continuation_kl(ctx: ItemContext, logprobs: torch.Tensor) -> torch.Tensor:
-    """``(T,)`` KL(full || mode) per continuation position, from the mode's teacher-forced
-    ``(T, V)`` log-probs (:func:`teacher_forced`)."""
-    p = ctx.full_logprobs
-    return (p.exp() * (p - logprobs)).sum(-1)
-
-
-def greedy(ops: DecoderOps, k: torch.Tensor, v: torch.Tensor, first_logits: torch.Tensor,
-           tokens: int, stop_ids: set[int], head: Sequence[int] = ()) -> list[int]:
-    """Greedy decode of up to ``tokens`` tokens after a prompt's KV (stopping after a stop id),
-    continuing ``head`` (tokens already chosen); one token per step on appended KV."""
-    out = list(head) or [int(first_logits.argmax())]
-    fed = 0  # out[:fed] are in k/v already
-    while len(out) < tokens and out[-1] not in stop_ids:
-        step = extend_with_kv(ops, k, v, torch.tensor(out[fed:]))
-        k, v = torch.cat([k, step.k], dim=1), torch.cat([v, step.v], dim=1)
-        fed = len(out)
-        out.append(int(step.logits[-1].argmax()))
-    return out
-
-
-def teacher_forced(ops: DecoderOps, k: torch.Tensor, v: torch.Tensor, first_logits: torch.Tensor,
-                   continuation: Sequence[int]) -> torch.Tensor:
-    """``(T, V)`` float64 log-probs of every continuation position given the prompt's KV."""
-    logits = [first_logits[None].float()]
-    if len(continuation) > 1:
-        logits.append(extend(ops, k, v, torch.tensor(continuation[:-1])))
-    return torch.cat(logits).double().log_softmax(-1)
-
-
-def prepare_item(ops: DecoderOps, encode: Any, item: Any, passages: int, tokens: int,
-                 sink: Sequence[int], stop_ids: set[int], dtype: torch.dtype) -> ItemContext:
-    """Chunk KV, layout, full prefill and its greedy continuation for one item."""
-    from sglang_cacheblend.blend.offline import blend_prompt, chunk_kv
-    from sglang_cacheblend.eval.dataset import build_prompt, tokenize_prompt
-
-    chunked = tokenize_prompt(build_prompt(item, num_passages=passages), encode)
-    ids = torch.tensor(chunked.input_ids)
-    spans = chunked.spans
-    prefix, suffix = ids[: spans[0][0]], ids[spans[-1][1]:]
-    sink_t = torch.tensor(list(sink))
-    chunks = [chunk_kv(ops, sink_t, ids[s:e], dtype) for s, e in spans]
-    prefix_kv = full_prefill(ops, prefix, torch.arange(prefix.numel()), dtype)
-    prompt = blend_prompt(ops, ops.rotary, prefix_kv, prefix, chunks, suffix, dtype)
-    positions = torch.arange(ids.numel())
-    started = time.perf_counter()
-    full = blended_prefill(ops, prompt.input_ids, positions, prompt.reuse_mask, prompt.cached_k,
-                           prompt.cached_v, BlendConfig(recompute_ratio=1.0))
-    full_time = time.perf_counter() - started
-    continuation = greedy(ops, full.k, full.v, full.logits, tokens, stop_ids)
-    return ItemContext(item.index, prompt.input_ids, prompt.reuse_mask,
-                       prompt.cached_k, prompt.cached_v, continuation, item.answers,
-                       teacher_forced(ops, full.k, full.v, full.logits, continuation), full_time)
-
-
-def evaluate_mode(ops: DecoderOps, ctx: ItemContext, mode: Mode, decode: Any,
-                  stop_ids: set[int]) -> dict[str, Any]:
-    """One blended prefill of the item's prompt under ``mode`` and its fidelity numbers."""
-    from sglang_cacheblend.eval.metrics import best_f1, token_f1
-
-    positions = torch.arange(ctx.input_ids.numel())
-    started = time.perf_counter()
-    res = blended_prefill(ops, ctx.input_ids, positions, ctx.reuse_mask, ctx.cached_k,
-                          ctx.cached_v, mode.config)
-    elapsed = time.perf_counter() - started
-    logprobs = teacher_forced(ops, res.k, res.v, res.logits, ctx.continuation)
-    kl_per_pos = continuation_kl(ctx, logprobs)
-    agree = (logprobs.argmax(-1) == torch.tensor(ctx.continuation)).tolist()
-    first_miss = agree.index(False) if False in agree else len(agree)
-    if first_miss == len(agree):
-        answer = list(ctx.continuation)
-    else:  # its own greedy answer: the agreed head, its own token, then decode on
-        head = [*ctx.continuation[:first_miss], int(logprobs[first_miss].argmax())]
-        answer = greedy(ops, res.k, res.v, res.logits, len(ctx.continuation), stop_ids, head)
-    return {
-        "item": ctx.index, "mode": mode.name, "kl": float(kl_per_pos.mean()),
-        "kl_first": float(kl_per_pos[0]), "match": float(answer == ctx.continuation),
-        "f1": token_f1(decode(answer), decode(ctx.continuation)),
-        "f1_dataset": best_f1(decode(answer), ctx.answers),
-        "f1_dataset_full": best_f1(decode(ctx.continuation), ctx.answers),
-        "recomputed": res.recomputed_rows / res.full_rows, "time_s": elapsed,
-        "full_time_s": ctx.full_time_s, "prompt_len": int(ctx.input_ids.numel()),
-        "positions": len(ctx.continuation),
-    }
 
 
 def summarize(rows: Sequence[dict[str, Any]], modes: Sequence[Mode]) -> list[dict[str, Any]]:
@@ -299,9 +162,10 @@ def markdown(table: Sequence[dict[str, Any]], config: dict[str, Any], info: dict
         "Match: share of items whose greedy continuation equals full prefill's. F1: answer token "
         "F1 against full prefill's answer; dataset F1 against the item's gold answers (full "
         "prefill's own is f1_dataset_full in the JSON rows). Recomputed: rows computed summed "
-        "over layers (suffix lookaheads included) / full prefill's. Time: median wall time of the blended forward (and its ratio to the full "
-        f"prefill in the same loop); machine load avg {info['load_avg']}, so compare within this "
-        "run only. Wins: share of items whose KL is below that of v_deviation checked once at layer "
+        "over layers (suffix lookaheads included) / full prefill's. Time: median wall time of "
+        "the blended forward (and its ratio to the full prefill in the same loop); machine load "
+        f"avg {info['load_avg']}, so compare within this run only. Wins: share of items whose KL "
+        "is below that of v_deviation checked once at layer "
         "1 with the same target ratio (the paper's rule at the same budget). ± is the standard "
         "error of the mean over items."), "",
         _default_line(), "",
@@ -422,9 +286,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from sglang_cacheblend.eval.results import provenance
 
     args = _parser().parse_args(argv)
-    unknown = set(args.selectors) - selector_names()
+    unknown = set(args.selectors) - set(SELECTOR_NAMES)
     if unknown:
-        raise SystemExit(f"unknown selectors {sorted(unknown)}; known: {sorted(selector_names())}")
+        raise SystemExit(f"unknown selectors {sorted(unknown)}; known: {sorted(SELECTOR_NAMES)}")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     modes = build_modes(args.selectors, args.budgets, args.single, args.gradual,
@@ -457,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             ctx = prepare_item(ops, encode, item, args.passages, args.tokens, sink, stop_ids,
                                dtype)
             for mode in tqdm(todo, desc=f"item {item.index}", leave=False):
-                rows.append(evaluate_mode(ops, ctx, mode, decode, stop_ids))
+                rows.append(evaluate_blend(ops, ctx, mode.name, mode.config, decode, stop_ids))
                 if out_of_time():
                     break
         write_outputs(args.out, config, rows, modes, provenance())

@@ -25,10 +25,11 @@ import torch
 from sglang.srt.model_executor.forward_context import get_req_to_token_pool, get_token_to_kv_pool
 
 from sglang_cacheblend.blend.forward import blend_layers
-from sglang_cacheblend.blend.rotary import RotaryConfig
+from sglang_cacheblend.blend.rotary_config import RotaryConfig
 from sglang_cacheblend.config import BlendConfig
-from sglang_cacheblend.srt.blend_requests import BlendRequest, BlendRequestSource, ChunkHit
-from sglang_cacheblend.srt.pool_ops import PoolKVStore, SGLangDecoderOps
+from sglang_cacheblend.srt.blend_request import BlendRequest, BlendRequestSource, ChunkHit
+from sglang_cacheblend.srt.pool_kv_store import PoolKVStore
+from sglang_cacheblend.srt.sglang_decoder import SGLangDecoderOps
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,8 @@ class BlendedExtendMixin:
     _blend_source: BlendRequestSource | None = None
 
     def attach_blend_source(self, source: BlendRequestSource) -> None:
-        """Called by the ``cacheblend`` radix cache once both exist (same scheduler process)."""
+        """Called by the ``cacheblend`` radix cache factory once both exist (same scheduler
+        process): the model asks the cache's admission for each request's blend."""
         self._blend_source = source
         self._blend_ops = SGLangDecoderOps(self)
         self._blend_rotary = RotaryConfig.from_hf_config(self.config)

@@ -1,24 +1,28 @@
-"""Every hook this project places on SGLang, in one place, each with its target and reason.
+"""Every hook this project places on SGLang, in one table, each with its target and reason.
 
-Hooks go through SGLang's ``HookRegistry`` (the plugin system, PR #21388); nothing here assigns
-to attributes of SGLang's modules. ``HOOKS`` is the complete list; ``register_hooks`` installs it.
+Hooks go through SGLang's ``HookRegistry`` (the plugin system); nothing here assigns to
+attributes of SGLang's modules. :data:`HOOKS` is the complete list; :func:`register_hooks`
+installs it. Installing is not enabling: every hook body first asks whether this server runs
+with ``--enable-cacheblend`` and otherwise calls SGLang's original unchanged (the two flag hooks
+are what find that out; the rotary fix also serves ``sglang-cacheblend serve`` on CPU).
+
+SGLang's registry only logs a target it cannot patch, which would switch the feature off
+silently after an SGLang rename. So :func:`verify_hooks_applied` runs when ``--enable-cacheblend``
+is parsed (launcher process) and when the radix cache is built (each scheduler process), and a
+hook that did not apply stops the server with a message naming it.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
-import os
-import sys
-import types
-from dataclasses import asdict
-from collections.abc import Callable, Iterator
+import pkgutil
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from sglang_cacheblend.srt import options, request_chunks
+from sglang_cacheblend.srt import chat_hooks, cpu_rotary, server_options, server_report
+from sglang_cacheblend.srt import tokenizer_hooks
 
-logger = logging.getLogger(__name__)
+__all__ = ["HOOKS", "Hook", "missing_hooks", "register_hooks", "verify_hooks_applied"]
 
 
 class Hook(NamedTuple):
@@ -28,197 +32,91 @@ class Hook(NamedTuple):
     reason: str
 
 
-# --------------------------------------------------------------------------------------------
-# Rotary embedding on a device that is neither CUDA nor SGLang's CPU engine.
-# --------------------------------------------------------------------------------------------
+class _EnableCacheBlend(argparse.Action):
+    """``--enable-cacheblend`` that refuses to start when a hook did not apply."""
 
-_VLLM_OPS = "vllm._custom_ops"
-
-
-def _missing_vllm_rotary(*args: Any, **kwargs: Any) -> None:
-    raise RuntimeError("vllm rotary kernel is not installed; RotaryEmbedding must stay native")
-
-
-@contextlib.contextmanager
-def _vllm_rotary_stand_in() -> Iterator[bool]:
-    """Make ``from vllm._custom_ops import rotary_embedding`` succeed for one call.
-
-    Yields whether a stand-in was installed. The stand-in is removed again afterwards, and an
-    installed vLLM is never shadowed.
-    """
-    try:
-        import vllm._custom_ops  # noqa: F401
-
-        yield False
-        return
-    except ImportError:
-        pass
-    added = {}
-    for name in ("vllm", _VLLM_OPS):
-        if name not in sys.modules:
-            module = types.ModuleType(name)
-            module.__path__ = []  # a package, so the submodule import resolves
-            added[name] = module
-    added[_VLLM_OPS].rotary_embedding = _missing_vllm_rotary
-    sys.modules.update(added)
-    try:
-        yield True
-    finally:
-        for name in added:
-            sys.modules.pop(name, None)
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        missing = missing_hooks()
+        if missing:
+            parser.error(f"{server_options.ENABLE_FLAG}: {_missing_message(missing)}")
+        setattr(namespace, self.dest, True)
 
 
-def _native_rotary_init(original_init: Callable[..., None], self: Any, *args: Any, **kw: Any):
-    with _vllm_rotary_stand_in() as stood_in:
-        original_init(self, *args, **kw)
-    if stood_in:
-        # Off CUDA, SGLang dispatches RotaryEmbedding.forward to forward_native; keep the
-        # module consistent with that instead of pointing at a kernel that does not exist.
-        self.use_fallback_kernel = False
-        self.fallback_rotary_embedding = None
-
-
-# --------------------------------------------------------------------------------------------
-# Server flags.
-# --------------------------------------------------------------------------------------------
-
-
-def _add_cacheblend_cli_args(result: Any, parser: argparse.ArgumentParser) -> None:
-    options.add_cli_args(parser)
+def _add_flags(result: Any, parser: argparse.ArgumentParser) -> Any:
+    server_options.add_cli_args(parser, enable_action=_EnableCacheBlend)
     return result
 
 
-def _take_cacheblend_args(original: Callable[..., Any], cls: Any, args: argparse.Namespace):
-    opts = options.pop_from_namespace(args)
-    if opts.enabled:
-        backend = getattr(args, "radix_cache_backend", None)
-        if backend not in (None, options.RADIX_BACKEND_NAME):
-            raise ValueError(
-                f"--enable-cacheblend needs --radix-cache-backend {options.RADIX_BACKEND_NAME}, "
-                f"got {backend!r}"
-            )
-        args.radix_cache_backend = options.RADIX_BACKEND_NAME
-        model_package = os.environ.get(options.MODEL_PACKAGE_ENV_VAR)
-        if model_package not in (None, options.MODEL_PACKAGE):
-            raise ValueError(
-                f"--enable-cacheblend loads its models from {options.MODEL_PACKAGE}, but "
-                f"{options.MODEL_PACKAGE_ENV_VAR}={model_package} is set"
-            )
-        os.environ[options.MODEL_PACKAGE_ENV_VAR] = options.MODEL_PACKAGE
-        os.environ[options.ENV_VAR] = opts.to_env()
-        logger.info("CacheBlend enabled: %s", opts)
-    else:
-        os.environ.pop(options.ENV_VAR, None)
+def _take_flags(original: Callable[..., Any], cls: Any, args: argparse.Namespace) -> Any:
+    server_options.apply_to_server_args(args)
     return original(cls, args)
 
 
-# --------------------------------------------------------------------------------------------
-# Observability: the scheduler process reports what it runs with.
-# --------------------------------------------------------------------------------------------
-
-
-def _report_cacheblend_state(result: Any, controller: Any, *args: Any, **kwargs: Any) -> Any:
-    state = result.internal_state
-    opts = options.ServerOptions.from_env()
-    scheduler = controller.scheduler
-    tree_cache = scheduler.tree_cache
-    report: dict[str, Any] = {
-        "plugin_loaded": True,
-        "pid": os.getpid(),
-        **asdict(opts),
-        "tree_cache": type(tree_cache).__name__,
-        "model_class": _qualified_name(scheduler.tp_worker.model_runner.model),
-        # The scheduler's own leak check holds when available + evictable + protected == total.
-        "token_pool": {
-            "total": scheduler.max_total_num_tokens,
-            "available": scheduler.token_to_kv_pool_allocator.available_size(),
-            "evictable": tree_cache.evictable_size(),
-            "protected": tree_cache.protected_size(),
-        },
-    }
-    # Per-request accounting of the last blended extend batch (reused tokens, rows recomputed
-    # summed over layers, time in the blended forward).
-    report["last_blend"] = getattr(scheduler.tp_worker.model_runner.model, "last_blend_stats", {})
-    chunk_stats = getattr(tree_cache, "chunk_stats", None)
-    if callable(chunk_stats):
-        stats = chunk_stats()
-        report["chunk_index"] = stats._asdict() if hasattr(stats, "_asdict") else asdict(stats)
-    state["cacheblend"] = report
-    return result
-
-
-# --------------------------------------------------------------------------------------------
-# Chunks: admission locks a request's chunk hits (the bodies of the request hooks are in
-# request_chunks.py).
-# --------------------------------------------------------------------------------------------
-
-
 def _admit_request_chunks(result: Any, adder: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
-    admit = getattr(adder.tree_cache, "admit_chunks", None)
-    if admit is not None:
-        admit(req, spare_tokens=int(adder.rem_total_tokens))
+    if server_options.current_options().enabled:
+        admit = getattr(adder.tree_cache, "admit_chunks", None)
+        if admit is not None:
+            admit(req, spare_tokens=int(adder.rem_total_tokens))
     return result
 
 
-def _qualified_name(obj: Any) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
-
+_OPENAI_CHAT = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat"
+_TOKENIZER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
 
 HOOKS: tuple[Hook, ...] = (
     Hook(
         "sglang.srt.layers.rotary_embedding.base.RotaryEmbedding.__init__",
         "AROUND",
-        _native_rotary_init,
+        cpu_rotary.native_rotary_init,
         "on a device that is neither CUDA nor the CPU engine, __init__ imports a vLLM op that "
         "is not installed although forward then runs forward_native",
     ),
     Hook(
         "sglang.srt.server_args.ServerArgs.add_cli_args",
         "AFTER",
-        _add_cacheblend_cli_args,
+        _add_flags,
         "SGLang has no plugin API for CLI flags; this adds --enable-cacheblend and friends to "
         "SGLang's own parser (launch_server and `sglang serve` both use it)",
     ),
     Hook(
         "sglang.srt.server_args.ServerArgs.from_cli_args",
         "AROUND",
-        _take_cacheblend_args,
+        _take_flags,
         "ServerArgs drops unknown attributes; the values travel to schedulers in the env",
     ),
     Hook(
         "sglang.srt.managers.scheduler_components.internal_state."
         "SchedulerInternalStateController.get_internal_state",
         "AFTER",
-        _report_cacheblend_state,
+        server_report.report_cacheblend_state,
         "shows, in /server_info internal_states, the options the scheduler process runs with",
     ),
     Hook(
-        "sglang.srt.managers.tokenizer_manager.TokenizerManager._tokenize_one_request",
+        f"{_TOKENIZER}._tokenize_one_request",
         "AROUND",
-        request_chunks.tokenize_with_chunks,
+        tokenizer_hooks.tokenize_with_chunks,
         "chunks must be tokenized each on its own and their spans must reach Req.kv_hints; "
         "this is where SGLang turns a request's text into input_ids (ValueError -> HTTP 400)",
     ),
     Hook(
-        "sglang.srt.managers.tokenizer_manager.TokenizerManager._should_use_batch_tokenization",
+        f"{_TOKENIZER}._should_use_batch_tokenization",
         "AROUND",
-        request_chunks.keep_sequential_tokenization,
+        tokenizer_hooks.keep_sequential_tokenization,
         "--enable-tokenizer-batch-encode tokenizes batches without _tokenize_one_request; "
         "batches with chunks must take the per-request path",
     ),
     Hook(
-        "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat."
-        "_render_and_encode_chat_template",
+        f"{_OPENAI_CHAT}._render_and_encode_chat_template",
         "AROUND",
-        request_chunks.render_chat_with_markers,
+        chat_hooks.render_chat_with_markers,
         "the chat path renders and tokenizes in one step, which would tokenize the chunk "
         "markers as text; with markers it returns the rendered text instead",
     ),
     Hook(
-        "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat."
-        "_convert_to_internal_request",
+        f"{_OPENAI_CHAT}._convert_to_internal_request",
         "AROUND",
-        request_chunks.convert_chat_with_chunks,
+        chat_hooks.convert_chat_with_chunks,
         "the OpenAI protocol has no kv_hints; marked chat text becomes input_ids plus an "
         "explicit cacheblend.chunks action (no special tokens added: the template has them)",
     ),
@@ -233,7 +131,39 @@ HOOKS: tuple[Hook, ...] = (
 
 
 def register_hooks() -> None:
+    """Register every hook of :data:`HOOKS` (SGLang applies them right after the plugins)."""
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     for hook in HOOKS:
         HookRegistry.register(hook.target, hook.fn, HookType[hook.kind])
+
+
+def missing_hooks() -> list[str]:
+    """Targets of :data:`HOOKS` that SGLang's registry did not patch in this process."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    patched = getattr(HookRegistry, "_patched", None)
+    return [hook.target for hook in HOOKS if not _is_patched(hook.target, patched)]
+
+
+def _is_patched(target: str, patched: set[str] | None) -> bool:
+    if patched is not None:
+        return target in patched
+    # A registry without the record: a patched target is a wrapper around the original.
+    owner, _, name = target.rpartition(".")
+    try:
+        return hasattr(getattr(pkgutil.resolve_name(owner), name), "__wrapped__")
+    except (ImportError, AttributeError, ValueError):
+        return False
+
+
+def verify_hooks_applied() -> None:
+    """``RuntimeError`` naming every hook that did not apply in this process."""
+    missing = missing_hooks()
+    if missing:
+        raise RuntimeError(_missing_message(missing))
+
+
+def _missing_message(missing: list[str]) -> str:
+    return (f"CacheBlend cannot run: SGLang did not apply its hook(s) on {', '.join(missing)} "
+            "(renamed in this SGLang version? see the server log for the registry's error)")

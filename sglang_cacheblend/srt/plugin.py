@@ -15,8 +15,8 @@ def register() -> None:
     from sglang.srt.mem_cache.registry import register_radix_cache_backend
 
     from sglang_cacheblend.srt.hooks import register_hooks
-    from sglang_cacheblend.srt.options import RADIX_BACKEND_NAME
-    from sglang_cacheblend.srt.radix_backend import create_cacheblend_cache
+    from sglang_cacheblend.srt.server_options import RADIX_BACKEND_NAME
+    from sglang_cacheblend.srt.radix_cache import create_cacheblend_cache
 
     register_hooks()
     try:

@@ -8,9 +8,19 @@ from tests.blend.blend_reference import ref_causal_attention
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sglang_cacheblend.blend import ScatteredAttention, scattered_attention
+from sglang_cacheblend.blend import ScatteredAttention
+from sglang_cacheblend.blend.decoder import DecoderDims
 
 TOL = {torch.float32: {"atol": 2e-5, "rtol": 1e-4}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}
+
+
+def _attend_once(q, k, v, pos, cu_q, cu_k, **kwargs):
+    """Plan for these tensors' heads, dtype and device, and run once."""
+    plan = ScatteredAttention(
+        pos, cu_q, cu_k, num_q_heads=q.shape[1], num_kv_heads=k.shape[1], head_dim=q.shape[2],
+        dtype=q.dtype, device=q.device, **kwargs,
+    )
+    return plan.run(q, k, v)
 
 
 def _batch(lengths, rows_per_req, hq, hkv, dim, dtype, seed):
@@ -80,7 +90,7 @@ def test_matches_dense_causal(seed, lengths, kinds, gqa, dim, dtype, block_rows)
     # plan once, run per layer: a second layer's tensors through the same plan
     q2, k2, v2 = q.flip(-1).contiguous(), k * 0.5, v.roll(1, dims=0)
     out2 = plan.run(q2, k2, v2)
-    want2 = scattered_attention(q2, k2, v2, pos, cu_q, cu_k)
+    want2 = _attend_once(q2, k2, v2, pos, cu_q, cu_k)
     torch.testing.assert_close(out2, want2, **TOL[dtype])
 
 
@@ -89,12 +99,12 @@ def test_edge_cases(dtype):
     lengths = [1, 5, 300, 2]
     rows = [torch.tensor([0]), torch.tensor([0, 4]), torch.arange(200, 300), torch.tensor([1])]
     q, k, v, pos, cu_q, cu_k, ref = _batch(lengths, rows, 6, 2, 64, dtype, seed=11)
-    out = scattered_attention(q, k, v, pos, cu_q, cu_k)
+    out = _attend_once(q, k, v, pos, cu_q, cu_k)
     torch.testing.assert_close(out.double(), ref, **TOL[dtype])
     # q as a strided view of a fused projection output gives the same result
     fused = torch.cat([q, torch.randn_like(q)], dim=1)[:, : q.shape[1]]
     assert not fused.is_contiguous()
-    torch.testing.assert_close(scattered_attention(fused, k, v, pos, cu_q, cu_k), out)
+    torch.testing.assert_close(_attend_once(fused, k, v, pos, cu_q, cu_k), out)
     # a request of length 1 attends to its own single key: output == its value
     torch.testing.assert_close(out[0].double(), v[0].repeat_interleave(3, 0).double(), **TOL[dtype])
 
@@ -103,7 +113,7 @@ def test_exact_mask_differs_from_bottom_right():
     """A scattered row must not see later keys (the bottom-right mask lets it)."""
     length, rows = 40, torch.tensor([3, 10, 39])
     q, k, v, pos, cu_q, cu_k, ref = _batch([length], [rows], 2, 2, 64, torch.float32, seed=2)
-    out = scattered_attention(q, k, v, pos, cu_q, cu_k)
+    out = _attend_once(q, k, v, pos, cu_q, cu_k)
     torch.testing.assert_close(out.double(), ref, **TOL[torch.float32])
     bottom_right = torch.ones(3, length, dtype=torch.bool).tril(length - 3)
     wrong = torch.nn.functional.scaled_dot_product_attention(
@@ -115,8 +125,28 @@ def test_exact_mask_differs_from_bottom_right():
 def test_custom_scale():
     q, k, v, pos, cu_q, cu_k, _ = _batch([30], [torch.tensor([5, 29])], 2, 1, 64, torch.float32, 4)
     ref = ref_causal_attention(torch.zeros(30, 2, 64).index_copy(0, pos, q), k, v, scale=0.3)[pos]
-    out = scattered_attention(q, k, v, pos, cu_q, cu_k, scale=0.3)
+    out = _attend_once(q, k, v, pos, cu_q, cu_k, scale=0.3)
     torch.testing.assert_close(out.double(), ref, **TOL[torch.float32])
+
+
+class _OpsHeads:
+    """Stands for a DecoderOps: plain attributes, not a dataclass."""
+
+    num_q_heads, num_kv_heads, head_dim = 6, 2, 64
+
+
+@pytest.mark.parametrize("dims", [DecoderDims(3, 6, 2, 64), _OpsHeads()])
+def test_for_request_is_one_request_of_the_general_plan(dims):
+    length, rows = 90, torch.tensor([2, 17, 40, 85, 86, 87, 88, 89])
+    q, k, v, pos, cu_q, cu_k, ref = _batch([length], [rows], 6, 2, 64, torch.float32, seed=5)
+    plan = ScatteredAttention.for_request(pos, length, dims, dtype=torch.float32, device="cpu")
+    assert (plan.num_q_heads, plan.num_kv_heads, plan.head_dim) == (6, 2, 64)
+    assert plan.q_offsets == [0, rows.numel()] and plan.k_offsets == [0, length]
+    out = plan.run(q, k, v)
+    assert torch.equal(out, _attend_once(q, k, v, pos, cu_q, cu_k))
+    torch.testing.assert_close(out.double(), ref, **TOL[torch.float32])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ScatteredAttention.for_request(pos, 80, dims, dtype=torch.float32, device="cpu")
 
 
 def test_validation():

@@ -5,10 +5,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from sglang_cacheblend.config import BlendConfig
+from sglang_cacheblend.config import SELECTOR_NAMES, BlendConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_are_the_single_check_baseline():
@@ -82,3 +87,36 @@ def test_linear_schedule():
         BlendConfig.linear(0.1, 0.15, 1, 4)
     with pytest.raises(ValueError, match="end_layer"):
         BlendConfig.linear(0.3, 0.15, 4, 2)
+
+
+def test_selector_names_are_the_registry_and_hold_the_default():
+    from sglang_cacheblend.blend.registry import SELECTORS
+
+    assert tuple(SELECTORS) == SELECTOR_NAMES
+    assert len(set(SELECTOR_NAMES)) == len(SELECTOR_NAMES) == 8
+    assert BlendConfig().selector in SELECTOR_NAMES
+    for name in SELECTOR_NAMES:
+        assert BlendConfig(selector=name).selector == name
+
+
+def test_config_imports_without_torch_or_the_blend_package():
+    """Option parsers and clients validate a BlendConfig without loading torch or the rules."""
+    code = (
+        "import sys, sglang_cacheblend.config as c; c.BlendConfig.linear(0.3, 0.15, 1, 8); "
+        "assert 'torch' not in sys.modules, 'torch'; "
+        "assert not [m for m in sys.modules if m.startswith('sglang_cacheblend.blend')], 'blend'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_registry_refuses_to_import_when_the_names_drift():
+    code = (
+        "import sglang_cacheblend.config as c; c.SELECTOR_NAMES = c.SELECTOR_NAMES[:-1]; "
+        "import sglang_cacheblend.blend.registry"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0
+    assert "RuntimeError" in result.stderr and "SELECTOR_NAMES" in result.stderr

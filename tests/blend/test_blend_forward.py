@@ -1,6 +1,6 @@
 """The blended forward, end to end over transformers Llama-family models.
 
-Invariants (DESIGN.md): ratio 1.0 equals a full prefill; with exact cached KV any ratio equals a
+Invariants: ratio 1.0 equals a full prefill; with exact cached KV any ratio equals a
 full prefill; ratio 0 recomputes only uncached rows after the check layer; and on real data a
 15% recompute is closer to full prefill than plain reuse.
 """

@@ -17,11 +17,11 @@ import torch
 
 from sglang_cacheblend.blend import plan as plan_module
 from sglang_cacheblend.blend import selection_budget
-from sglang_cacheblend.blend.base import Selector
 from sglang_cacheblend.blend.forward import suffix_length
 from sglang_cacheblend.blend.lookahead import attention_mass
 from sglang_cacheblend.blend.offline import run_blend
 from sglang_cacheblend.blend.registry import build_selector
+from sglang_cacheblend.blend.selection import Selector
 from sglang_cacheblend.config import BlendConfig
 from tests.blend.test_blend_forward import _chunked_prompt, _hf_last_logits, _tiny
 from tests.blend.test_blend_selectors import _inputs

@@ -6,10 +6,11 @@ import math
 
 import pytest
 
-from sglang_cacheblend.chunks import ChunkAction, chunk_hints, read_chunk_action
+from sglang_cacheblend.chunks import ClientAction, chunk_hints, read_client_action
 from sglang_cacheblend.config import BlendConfig
 from sglang_cacheblend.eval.quality import QualityConfig, modes_for, summarize_modes
-from sglang_cacheblend.srt.blend_keys import blend_extra_key, effective_config
+from sglang_cacheblend.srt.blend_namespace import blend_extra_key
+from sglang_cacheblend.srt.blend_settings import effective_config
 
 
 def test_modes_cover_full_reuse_the_sweep_and_the_variants_at_the_main_ratio():
@@ -47,8 +48,8 @@ def test_per_request_overrides_travel_in_the_action_and_build_the_config():
     hints = chunk_hints([(3, 9)], recompute_ratio=0.2, selector="k_deviation",
                         gradual=[(1, 0.4), (4, 0.2)])
     action = hints["actions"][0]
-    client = read_chunk_action([(action["action_type"], action["action_version"],
-                                 action["payload"])], normalized=False)
+    client = read_client_action([(action["action_type"], action["action_version"],
+                                  action["payload"])])
     config = effective_config(BlendConfig(), client)
     assert (config.recompute_ratio, config.selector, config.check_layer) == (0.2, "k_deviation", 1)
     assert config.gradual == ((1, 0.4), (4, 0.2))
@@ -63,10 +64,10 @@ def test_per_request_overrides_travel_in_the_action_and_build_the_config():
 ])
 def test_bad_overrides_are_rejected_with_the_field_named(overrides, message):
     with pytest.raises(ValueError, match=message):
-        ChunkAction(False, ((0, 4),), "", **overrides)
+        ClientAction(False, ((0, 4),), **overrides)
 
 
 def test_a_schedule_that_contradicts_the_ratio_is_rejected():
-    action = ChunkAction(False, ((0, 4),), "", recompute_ratio=0.1, gradual=[[1, 0.3], [8, 0.15]])
+    action = ClientAction(False, ((0, 4),), recompute_ratio=0.1, gradual=[[1, 0.3], [8, 0.15]])
     with pytest.raises(ValueError, match="gradual must end at recompute_ratio=0.1"):
         effective_config(BlendConfig(), action)

@@ -7,12 +7,12 @@ import torch
 
 from sglang_cacheblend.blend.forward import blended_prefill
 from sglang_cacheblend.config import BlendConfig
+from sglang_cacheblend.eval.offline_fidelity import ItemContext, greedy, teacher_forced
 from sglang_cacheblend.eval.selection_ceiling import (
     deviation_ranking,
     evaluate_item,
     gradient_ranking,
 )
-from sglang_cacheblend.eval.selector_sweep import ItemContext, greedy, teacher_forced
 from tests.blend.test_blend_forward import _chunked_prompt, _tiny
 
 

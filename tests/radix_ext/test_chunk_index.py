@@ -57,7 +57,7 @@ def test_hits_are_found_in_any_order(index, allocator):
         matches = index.match(NS, prompt, spans)
         assert [m.entry_id for m in matches] == [res.entry_id for _, res in order]
         for match, (ids, res), (start, end) in zip(matches, order, spans, strict=True):
-            assert match.hit and (match.span_start, match.span_len) == (start, end - start)
+            assert match.hit and (match.start, match.end) == (start, end)
             assert torch.equal(match.kv_loc, res.kv_loc)
             assert match.positions.tolist() == list(range(7, 7 + len(ids)))
     index.check_integrity()
@@ -69,8 +69,10 @@ def test_hits_are_found_at_any_position_and_repeated(index, allocator):
     spans = [(56, 59), (0, 3), (53, 56), (59, 60)]
     matches = index.match(NS, torch.tensor(prompt, dtype=torch.int32), spans)
     assert [m.hit for m in matches] == [True, True, True, False]
+    assert [(m.start, m.end) for m in matches] == spans, "hits and misses keep their [start, end)"
     assert {m.entry_id for m in matches[:3]} == {a.entry_id}
     assert matches[3].kv_loc is None and matches[3].positions is None
+    assert matches[3] == (59, 60, None, None, None), "(start, end, entry_id, kv_loc, positions)"
 
 
 def test_tensor_and_list_token_ids_are_the_same_key(index, allocator):
@@ -94,12 +96,10 @@ def test_namespaces_never_share_chunks(index, allocator):
 
 
 def test_namespace_validation():
-    assert ChunkNamespace.from_rope_config("m", {"rotary_dim": 64, "base": 1e5}).rope == (
-        ("base", 1e5),
-        ("rotary_dim", 64),
-    )
     with pytest.raises(ValueError):
         ChunkNamespace("")
+    with pytest.raises(ValueError, match="pairs"):
+        ChunkNamespace("m", rope=(("base", 1e5, "extra"),))
     with pytest.raises(TypeError):
         ChunkNamespace("m", rope=(("scaling", {"type": "yarn"}),))
 
@@ -189,6 +189,7 @@ def test_locked_chunks_are_never_evicted(index, allocator):
     assert (index.evictable_size(), index.locked_size()) == (7, 0)
     assert index.evict(100) == (7, 2)
     assert allocator.available_size() == allocator.size
+    assert len(index) == 0 and index.all_kv_loc().numel() == 0
     index.check_integrity()
     del a, b, c
 
@@ -256,19 +257,6 @@ def test_evict_lru_order_and_older_than(index, allocator):
     assert index.stats().evictions == 3 and index.stats().evicted_tokens == 9
     index.check_integrity()
     del entries
-
-
-def test_clear_returns_every_slot_and_refuses_while_locked(index, allocator):
-    for ids in (A, B, C):
-        put(index, allocator, ids)
-    index.lock("r", index.match(NS, C, [(0, 2)]))
-    with pytest.raises(RuntimeError, match="hold locks"):
-        index.clear()
-    index.unlock("r")
-    assert index.clear() == 9
-    assert allocator.available_size() == allocator.size
-    assert len(index) == 0 and index.all_kv_loc().numel() == 0
-    index.check_integrity()
 
 
 def test_reset_forgets_entries_without_freeing(index, allocator):

@@ -10,7 +10,8 @@ def test_radix_ext_imports_without_sglang():
         """
         import torch
         import radix_ext
-        import radix_ext.base, radix_ext.chunk_index, radix_ext.entry, radix_ext.keys  # noqa: E401
+        import radix_ext.chunk_index, radix_ext.chunk_types  # noqa: E401
+        import radix_ext.entry, radix_ext.keys  # noqa: E401
 
         class Pool:
             def free(self, kv_loc):
@@ -20,8 +21,9 @@ def test_radix_ext_imports_without_sglang():
         index = radix_ext.ChunkIndex(pool)
         namespace = radix_ext.ChunkNamespace("m")
         index.insert(namespace, [1, 2], torch.tensor([5, 6]), 0)
-        assert index.match(namespace, [0, 1, 2], [(1, 3)])[0].hit
-        index.clear()
+        match = index.match(namespace, [0, 1, 2], [(1, 3)])[0]
+        assert match.hit and (match.start, match.end) == (1, 3)
+        assert index.evict(2) == (2, 1)
         assert pool.freed == [5, 6]
         """
     )

@@ -81,18 +81,6 @@ def tokenizer(model_path):
     return AutoTokenizer.from_pretrained(model_path)
 
 
-def test_every_hook_target_exists_in_this_sglang():
-    """SGLang's HookRegistry only logs a target it cannot resolve; fail here instead."""
-    import pkgutil
-
-    from sglang_cacheblend.srt.hooks import HOOKS
-
-    for hook in HOOKS:
-        owner, _, name = hook.target.rpartition(".")
-        assert callable(getattr(pkgutil.resolve_name(owner), name)), hook.target
-        assert hook.reason
-
-
 def _normalized_request(**fields):
     from sglang.srt.managers.io_struct import GenerateReqInput
 
@@ -101,30 +89,66 @@ def _normalized_request(**fields):
     return obj
 
 
-def test_tokenizer_hook_writes_the_action_and_keeps_other_kv_hints(tokenizer):
+def _run_tokenizer_hook(manager, obj):
+    """The tokenizer hook around a stand-in for SGLang's tokenization (which keeps the ids)."""
+    import asyncio
     from types import SimpleNamespace
 
-    from sglang_cacheblend.srt.request_chunks import _prepare_request, chunk_action_of
+    from sglang_cacheblend.srt.tokenizer_hooks import tokenize_with_chunks
 
-    manager = SimpleNamespace(tokenizer=tokenizer, context_len=8192)
+    async def original(_manager, request):
+        return SimpleNamespace(input_ids=list(request.input_ids), kv_hints=request.kv_hints,
+                               extra_key=request.extra_key)
+
+    return asyncio.run(tokenize_with_chunks(original, manager, obj))
+
+
+def test_tokenizer_hook_writes_the_request_and_keeps_other_kv_hints(tokenizer, monkeypatch):
+    from types import SimpleNamespace
+
+    from sglang_cacheblend.srt.chunk_request import SERVER_ACTION, chunk_request_of
+    from sglang_cacheblend.srt.server_options import ENV_VAR, ServerOptions
+
+    monkeypatch.setenv(ENV_VAR, ServerOptions(enabled=True).to_env())
+    manager = SimpleNamespace(tokenizer=tokenizer, context_len=8192,
+                              model_config=SimpleNamespace(num_hidden_layers=30))
     plain = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     other = {"action_id": "x", "action_type": "other.hint", "action_version": "3", "payload": {}}
     hints = {"protocol_version": "1", "message_id": "m", "actions": [other]}
     obj = _normalized_request(text="Q " + cb.chunk("alpha beta") + " end", kv_hints=hints)
-    assert _prepare_request(manager, obj) is None
+    tokenized = _run_tokenizer_hook(manager, obj)
     assert obj.input_ids == plain("Q ") + plain("alpha beta") + plain(" end")
     assert obj.text == "Q alpha beta end"
-    assert [a.action_type for a in obj.kv_hints.actions] == ["other.hint", "cacheblend.chunks"]
-    req = SimpleNamespace(kv_hints=obj.kv_hints, origin_input_ids=obj.input_ids, rid="r")
+    assert [a.action_type for a in tokenized.kv_hints.actions] == ["other.hint", SERVER_ACTION]
+    req = SimpleNamespace(kv_hints=tokenized.kv_hints, origin_input_ids=obj.input_ids, rid="r")
     start = len(plain("Q "))
-    assert chunk_action_of(req).spans == ((start, start + len(plain("alpha beta"))),)
+    request = chunk_request_of(req)
+    assert request.spans == ((start, start + len(plain("alpha beta"))),)
+    assert request.sink == (tokenizer.bos_token_id,) and request.blend is not None
+    assert tokenized.extra_key.startswith("cacheblend:v1:")
 
     ids = plain("a passage given as token ids")
     obj = _normalized_request(input_ids=list(ids), kv_hints=precompute_hints())
-    _prepare_request(manager, obj)
+    tokenized = _run_tokenizer_hook(manager, obj)
     assert obj.input_ids == [tokenizer.bos_token_id, *ids]  # the sink, then the chunk
-    action = chunk_action_of(SimpleNamespace(kv_hints=obj.kv_hints, origin_input_ids=obj.input_ids))
-    assert action.precompute and action.spans == ((1, 1 + len(ids)),)
+    request = chunk_request_of(SimpleNamespace(kv_hints=tokenized.kv_hints, rid="p"))
+    assert request.precompute and request.spans == ((1, 1 + len(ids)),)
+    assert request.blend is None
+
+
+def test_tokenizer_hook_is_inert_without_enable_cacheblend(tokenizer, monkeypatch):
+    from types import SimpleNamespace
+
+    from sglang_cacheblend.srt.server_options import ENV_VAR
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    manager = SimpleNamespace(tokenizer=tokenizer, context_len=8192,
+                              model_config=SimpleNamespace(num_hidden_layers=30))
+    text = "Q " + cb.chunk("alpha beta") + " end"
+    obj = _normalized_request(text=text, input_ids=[5, 6, 7], kv_hints=chunk_hints([(0, 2)]))
+    tokenized = _run_tokenizer_hook(manager, obj)
+    assert obj.text == text and obj.input_ids == [5, 6, 7]  # untouched
+    assert [a.action_type for a in tokenized.kv_hints.actions] == ["cacheblend.chunks"]
 
 
 # ------------------------------------------------------------------------------ errors

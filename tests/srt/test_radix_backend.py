@@ -28,8 +28,8 @@ with warnings.catch_warnings():
     from sglang.srt.mem_cache.registry import TreeCacheBuildContext
 
 from sglang_cacheblend.config import BlendConfig
-from sglang_cacheblend.srt.blend_keys import blend_extra_key, chunk_extra_key
-from sglang_cacheblend.srt.radix_backend import CacheBlendRadixCache, create_cacheblend_cache
+from sglang_cacheblend.srt.blend_namespace import blend_extra_key, chunk_extra_key
+from sglang_cacheblend.srt.radix_cache import CacheBlendRadixCache, create_cacheblend_cache
 
 POOL_SIZE = 96
 
@@ -151,16 +151,16 @@ def test_chunks_are_found_at_any_position_and_counted_in_the_pool(cache):
     b = chunk_insert(cache, [4, 4], start=8)
     assert cache.chunk_stats().num_entries == 2
     prompt = [1] + [4, 4] + [7, 8, 9] + [0]
-    matches = cache.match_chunks(namespace, prompt, [(3, 6), (1, 3), (6, 7)])
+    matches = cache.chunk_index.match(namespace, prompt, [(3, 6), (1, 3), (6, 7)])
     assert [m.entry_id for m in matches] == [a.entry_id, b.entry_id, None]
     assert matches[0].positions.tolist() == [5, 6, 7]
     assert (cache.evictable_size(), cache.protected_size(), cache.total_size()) == (5, 0, 5)
-    assert cache.lock_chunks("r", matches).newly_locked_len == 5
+    assert cache.chunk_index.lock("r", matches).newly_locked_len == 5
     assert (cache.evictable_size(), cache.protected_size()) == (0, 5)
     check_pool(cache)
-    assert cache.release_chunks("r") == 5
+    assert cache.chunk_index.unlock("r") == 5
     assert (
-        cache.match_chunks(cache.chunk_namespace(cache_salt="t2"), prompt, [(3, 6)])[0].hit is False
+        cache.chunk_index.match(cache.chunk_namespace(cache_salt="t2"), prompt, [(3, 6)])[0].hit is False
     )
 
 
@@ -208,7 +208,7 @@ def test_recently_matched_chunk_outlives_older_tree_nodes(cache):
     tick()
     tree = tree_insert(cache, [1, 2, 3])
     tick()
-    cache.match_chunks(cache.chunk_namespace(), [9, 9, 9], [(0, 3)])  # access time moves on
+    cache.chunk_index.match(cache.chunk_namespace(), [9, 9, 9], [(0, 3)])  # access time moves on
     before = free_slots(cache)
     assert cache.evict(EvictParams(num_tokens=2)).num_tokens_evicted == 3
     assert free_slots(cache) - before == set(tree.tolist())
@@ -221,13 +221,13 @@ def test_pool_accounting_returns_to_the_start(cache):
     tree_insert(cache, [1, 2, 3, 4])
     tree_insert(cache, [1, 2, 5])
     chunk_insert(cache, [3, 3, 3])
-    matches = cache.match_chunks(cache.chunk_namespace(), [0, 3, 3, 3], [(1, 4)])
-    cache.lock_chunks("r", matches)
+    matches = cache.chunk_index.match(cache.chunk_namespace(), [0, 3, 3, 3], [(1, 4)])
+    cache.chunk_index.lock("r", matches)
     locked = cache.lock(cache.match_prefix(MatchPrefixParams(key=key([1, 2, 3]))).last_device_node)
     check_pool(cache)
     assert allocator.available_size() + cache.total_size() == start
     cache.unlock(locked)
-    cache.release_chunks("r")
+    cache.chunk_index.unlock("r")
     cache.evict(EvictParams(num_tokens=POOL_SIZE))
     assert allocator.available_size() == start and cache.total_size() == 0
     check_pool(cache)
@@ -253,7 +253,7 @@ def test_lifecycle_hooks_release_chunk_locks(cache):
     cache.finish(CacheRequestHandle(rid="aborted", attempt_id=1), CacheRequestOutcome.ABORT)
     assert cache.protected_size() == 0 and cache.evictable_size() == 6
     cache.on_release(SimpleNamespace(rid="finished"), checkpointed=False)  # idempotent
-    assert cache.release_chunks("never-locked") == 0
+    assert cache.chunk_index.unlock("never-locked") == 0
     check_pool(cache)
 
 
@@ -263,10 +263,16 @@ def test_insert_chunk_needs_page_size_one():
         paged.insert_chunk(paged.chunk_namespace(), [1, 2], torch.tensor([1, 2]), 0)
 
 
-def test_factory_builds_the_cache_and_refuses_what_it_cannot_serve():
+def test_factory_builds_the_cache_and_refuses_what_it_cannot_serve(monkeypatch):
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from sglang_cacheblend.srt.hooks import HOOKS
+    from sglang_cacheblend.srt.server_options import ENV_VAR, ServerOptions
+
     hf_text_config = SimpleNamespace(rope_theta=100000.0, rope_scaling=None)
     model_config = SimpleNamespace(
-        model_path="/models/smollm2", revision=None, hf_text_config=hf_text_config, head_dim=64
+        model_path="/models/smollm2", revision=None, hf_text_config=hf_text_config, head_dim=64,
+        num_hidden_layers=30,
     )
 
     def context(**overrides):
@@ -285,6 +291,16 @@ def test_factory_builds_the_cache_and_refuses_what_it_cannot_serve():
         )
         return TreeCacheBuildContext(**{**fields, **overrides})
 
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    with pytest.raises(ValueError, match="--enable-cacheblend"):
+        create_cacheblend_cache(context())  # the request hooks would be inert
+    monkeypatch.setenv(ENV_VAR, ServerOptions(enabled=True).to_env())
+    patched = {hook.target for hook in HOOKS}
+    monkeypatch.setattr(HookRegistry, "_patched", patched - {HOOKS[-1].target})
+    with pytest.raises(RuntimeError, match="_commit_prefill_admission"):
+        create_cacheblend_cache(context())  # a hook that did not apply stops the scheduler
+    monkeypatch.setattr(HookRegistry, "_patched", patched)
+
     cache = create_cacheblend_cache(context())
     assert isinstance(cache, CacheBlendRadixCache)
     namespace = cache.chunk_namespace(cache_salt="tenant")
@@ -292,3 +308,7 @@ def test_factory_builds_the_cache_and_refuses_what_it_cannot_serve():
     for overrides in ({"is_hybrid_swa": True}, {"enable_hierarchical_cache": True}):
         with pytest.raises(ValueError, match="cacheblend"):
             create_cacheblend_cache(context(**overrides))
+    too_deep = ServerOptions(enabled=True, blend=BlendConfig(check_layer=30))
+    monkeypatch.setenv(ENV_VAR, too_deep.to_env())
+    with pytest.raises(ValueError, match="--cacheblend-check-layer.*30 layers"):
+        create_cacheblend_cache(context())

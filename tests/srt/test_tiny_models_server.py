@@ -132,7 +132,7 @@ def test_ratio_zero_equals_offline_reuse_of_the_same_chunks(tiny, tokenizer):
 
     from sglang_cacheblend.blend.hf_llama import HFLlamaOps
     from sglang_cacheblend.blend.offline import blend_prompt, chunk_kv, run_blend
-    from sglang_cacheblend.blend.rotary import RotaryConfig
+    from sglang_cacheblend.blend.rotary_config import RotaryConfig
 
     _, ckpt, server = tiny
     salt = uuid.uuid4().hex

@@ -1,16 +1,11 @@
 """The suffix's attention probabilities over the rows, the arithmetic of the question rules.
 
-Written out explicitly (not read back from the attention kernel, which returns outputs, not
-probabilities): for every suffix query row ``s`` and query head ``h``::
-
-    p[h, s, j] = exp(q_sh . k_j * scale) / Z_sh      j a row at or before s's position
-    Z_sh       = sum over those rows and over context_k of exp(q_sh . k * scale)
-
-so ``p[h, s, :]`` is the share of ``(s, h)``'s real attention each row receives, ``context_k``
-(keys the suffix sees outside the rows) included in the denominator. ``scale`` is
-``head_dim ** -0.5``, the Llama-family scaling that :class:`..attention.ScatteredAttention` uses.
-Float32 throughout. Suffix rows are processed in blocks so memory stays
-``O(block * num_q_heads * num_rows)`` on long prompts.
+For every suffix query row ``s`` and query head ``h``, ``p[h, s, j]`` is the share of
+``(s, h)``'s real attention that row ``j`` receives: the softmax runs over the rows at or before
+``s``'s position and over ``context_k`` (keys the suffix sees outside the rows), so a rule scores
+against the attention the question actually pays, not a renormalised subset. The probabilities
+are written out explicitly (:mod:`sglang_cacheblend.blend.explicit_attention`; the attention
+kernel returns outputs, not probabilities), in float32, a block of suffix rows at a time.
 """
 
 from __future__ import annotations
@@ -19,14 +14,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from sglang_cacheblend.blend.explicit_attention import explicit_attention_blocks
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from sglang_cacheblend.blend.base import SelectionInputs
+    from sglang_cacheblend.blend.selection import SelectionInputs
 
 __all__ = ["require_suffix", "row_keys", "suffix_attention_blocks", "suffix_attention_mass"]
-
-_BLOCK_SUFFIX_ROWS = 64
 
 
 def require_suffix(inputs: SelectionInputs, rule: str) -> torch.Tensor:
@@ -70,32 +65,14 @@ def suffix_attention_blocks(
         Selector name, for the error message.
     """
     suffix_q = require_suffix(inputs, rule)
-    num_rows, kv_heads, dim = keys.shape
-    num_suffix, q_heads = suffix_q.shape[0], suffix_q.shape[1]
-    group = q_heads // kv_heads
-    scale = dim**-0.5
-    pos = (
+    num_rows = keys.shape[0]
+    positions = (
         inputs.positions.to(torch.int64)
         if inputs.positions is not None
         else torch.arange(num_rows, device=keys.device)
     )
-    suffix_pos = pos[num_rows - num_suffix :]
-    k_t = keys.permute(1, 2, 0)  # (kv_heads, dim, num_rows)
-    ctx_t = None
-    if inputs.context_k is not None and inputs.context_k.shape[0]:
-        ctx_t = inputs.context_k.float().permute(1, 2, 0)  # (kv_heads, dim, num_context)
-    for start in range(0, num_suffix, _BLOCK_SUFFIX_ROWS):
-        end = min(num_suffix, start + _BLOCK_SUFFIX_ROWS)
-        q = suffix_q[start:end].float().view(end - start, kv_heads, group, dim)
-        q = q.permute(1, 2, 0, 3).reshape(kv_heads, group * (end - start), dim) * scale
-        logits = torch.bmm(q, k_t).view(kv_heads, group, end - start, num_rows)
-        hidden = pos[None, :] > suffix_pos[start:end, None]  # (b, num_rows): future rows
-        logits = logits.masked_fill(hidden, float("-inf"))
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        if ctx_t is not None:
-            ctx = torch.bmm(q, ctx_t).view(kv_heads, group, end - start, -1)
-            lse = torch.logaddexp(lse, torch.logsumexp(ctx, dim=-1, keepdim=True))
-        yield torch.exp(logits - lse)
+    suffix_positions = positions[num_rows - suffix_q.shape[0]:]
+    return explicit_attention_blocks(suffix_q, keys, suffix_positions, positions, inputs.context_k)
 
 
 def suffix_attention_mass(inputs: SelectionInputs, cached: bool, rule: str) -> torch.Tensor:

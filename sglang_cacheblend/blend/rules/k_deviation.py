@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sglang_cacheblend.blend.base import Selector
 from sglang_cacheblend.blend.rules._deviation import squared_deviation
+from sglang_cacheblend.blend.selection import Selector
 
 if TYPE_CHECKING:
     import torch
 
-    from sglang_cacheblend.blend.base import SelectionInputs
+    from sglang_cacheblend.blend.selection import SelectionInputs
 
 __all__ = ["KDeviationSelector"]
 

@@ -13,27 +13,26 @@ Two rules, differing only in the keys of the reused rows:
 * ``question_attention_cached`` scores against their *cached* (standalone, realigned) keys:
   where the question would look if the cache were reused, which is where reuse does its harm.
 
-Measured (``docs/results/selector_sweep.md``, 10 items, 4 passages): cached keys came out
-slightly ahead at every budget (13% vs 10% of the KL gap at 15%, 25% vs 22% at 30%), so both
-are kept and the sweep reports both. Neither is the default: V deviation closes 33% at 15% on
-the same items. On SmolLM2-135M the question's attention at layer 1 is mostly local (the end of
-the last passage) and on punctuation, while V deviation picks the first tokens of each chunk,
-whose context changed most. At check layer 0 the two rules coincide (layer-0 KV depends only on
-the token and its position), and there they are the only informative rules (16% at 15%, for
-fewer computed rows than a layer-1 check).
+Both are kept: in the sweep (``docs/results/selector_sweep.md``) cached keys came out slightly
+ahead at every budget, not enough to drop the other. Neither is the default: V deviation did
+better on the same items. On SmolLM2-135M the question's attention at layer 1 is mostly local
+(the end of the last passage) and on punctuation, while V deviation picks the first tokens of
+each chunk, whose context changed most. At check layer 0 the two rules coincide (layer-0 KV
+depends only on the token and its position), and there they are the only informative rules, for
+fewer computed rows than a layer-1 check.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sglang_cacheblend.blend.base import Selector
 from sglang_cacheblend.blend.rules._attention import suffix_attention_mass
+from sglang_cacheblend.blend.selection import Selector
 
 if TYPE_CHECKING:
     import torch
 
-    from sglang_cacheblend.blend.base import SelectionInputs
+    from sglang_cacheblend.blend.selection import SelectionInputs
 
 __all__ = ["QuestionAttentionCachedSelector", "QuestionAttentionSelector"]
 

@@ -15,9 +15,9 @@ the question ignores, and large for tokens the question reads under either KV. B
 At check layer 0 fresh and cached KV coincide and every score is ~0 (rounding noise): use it at
 layer >= 1 (or in a gradual schedule, whose later steps see real deviations).
 
-Measured (``docs/results/selector_sweep.md``): 11% of the KL gap at 15% with one check at layer
-1 (V deviation: 33%), 26% with gradual filtering from layer 0. The question's own attention
-output is not what the continuation's KL is most sensitive to on this model.
+In the sweep it closed less of the KL gap than V deviation with one check at layer 1, and more
+with gradual filtering from layer 0 (``docs/results/selector_sweep.md``): the question's own
+attention output is not what the continuation's KL is most sensitive to on this model.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sglang_cacheblend.blend.base import Selector
 from sglang_cacheblend.blend.rules._attention import row_keys, suffix_attention_blocks
+from sglang_cacheblend.blend.selection import Selector
 
 if TYPE_CHECKING:
-    from sglang_cacheblend.blend.base import SelectionInputs
+    from sglang_cacheblend.blend.selection import SelectionInputs
 
 __all__ = ["QuestionOutputErrorSelector"]
 

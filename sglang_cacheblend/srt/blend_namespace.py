@@ -1,4 +1,4 @@
-"""Which prefix-tree namespace a chunked request uses, and which config it blends with.
+"""Which prefix-tree namespace a blended request uses, so approximate KV stays among its kind.
 
 Blended KV is approximate, so it must never become an exact-prefix hit of a request that did not
 ask for it; but a follow-up turn of a blended conversation should reuse the previous turn's KV as
@@ -20,37 +20,12 @@ import dataclasses
 import hashlib
 import json
 
-from sglang_cacheblend.chunks import ChunkAction
 from sglang_cacheblend.config import BlendConfig
 
 BLEND_KEY_PREFIX = "cacheblend:v1:"
 
 # Settings that only decide WHETHER a request blends; its KV is the same either way.
 _NOT_IN_KEY = frozenset({"min_reused_tokens"})
-
-
-def effective_config(server: BlendConfig, action: ChunkAction) -> BlendConfig:
-    """The server's blend settings with the request's own overrides applied.
-
-    A per-request ratio without a per-request schedule replaces the server's gradual schedule
-    (one ending elsewhere would contradict it); a per-request schedule sets the check layer (its
-    first layer) and, unless given too, the ratio (its last). Raises ``ValueError`` naming the
-    field for a combination ``BlendConfig`` rejects.
-    """
-    changes: dict[str, object] = {}
-    if action.selector is not None:
-        changes["selector"] = action.selector
-    if action.gradual is not None:
-        steps = action.gradual
-        changes["gradual"] = steps
-        if steps:
-            changes["check_layer"] = steps[0][0]
-            changes["recompute_ratio"] = steps[-1][1]
-    elif action.recompute_ratio is not None:
-        changes["gradual"] = ()
-    if action.recompute_ratio is not None:
-        changes["recompute_ratio"] = action.recompute_ratio
-    return dataclasses.replace(server, **changes) if changes else server
 
 
 def config_digest(config: BlendConfig) -> str:

@@ -1,70 +1,25 @@
-"""``DecoderOps`` and ``KVStore`` over SGLang's own Llama modules and KV pool.
+"""``KVStore`` over SGLang's token pool: one request's KV, in the request's own slots.
 
-The blended forward (:func:`sglang_cacheblend.blend.forward.blend_layers`) runs SGLang's
-modules (norms, fused QKV projection, SGLang's rotary embedding, MLP) and keeps the request's KV
-in SGLang's token pool, in the request's own slots, so decode and the radix cache see exactly
-what a normal prefill would have left there.
+The blended forward reads and writes the request's KV where SGLang keeps it, so decode and the
+radix cache see exactly what a normal prefill would have left there; chunk KV is copied (and
+RoPE-realigned) into those slots, never read in place by a write.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sglang_cacheblend.blend.forward import DecoderDims
-from sglang_cacheblend.blend.rope import realign_keys_inplace
-from sglang_cacheblend.blend.rotary import RotaryConfig
-from sglang_cacheblend.srt.blend_requests import ChunkHit
+from sglang_cacheblend.blend.realign import realign_keys_inplace
 
+if TYPE_CHECKING:
+    from sglang_cacheblend.blend.rotary_config import RotaryConfig
+    from sglang_cacheblend.srt.blend_request import ChunkHit
+    from sglang_cacheblend.srt.sglang_decoder import SGLangDecoderOps
 
-class SGLangDecoderOps:
-    """``DecoderOps`` over SGLang's Llama-family models (Llama/SmolLM2, Mistral, Qwen2, Qwen3).
-
-    They share one layout: ``model.model.{embed_tokens,layers,norm}``, each layer with
-    ``input_layernorm``, ``self_attn.{qkv_proj,rotary_emb,o_proj,attn}``, ``post_attention_layernorm``
-    and ``mlp``. Q/K/V come from the attention module's own ``forward_prepare_native`` where it
-    has one (Llama, Qwen3: the latter applies its per-head q/k norms there), else from the fused
-    projection and its rotary embedding, as its ``forward`` does (Qwen2).
-    """
-
-    def __init__(self, model: Any) -> None:
-        config = model.config
-        self._model = model
-        self._layers = model.model.layers
-        dims = DecoderDims.from_hf_config(config)
-        self.num_layers, self.num_q_heads = dims.num_layers, dims.num_q_heads
-        self.num_kv_heads, self.head_dim = dims.num_kv_heads, dims.head_dim
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._model.model.embed_tokens(input_ids)
-
-    def qkv(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor):
-        block = self._layers[layer]
-        n = hidden.shape[0]
-        attn = block.self_attn
-        x = block.input_layernorm(hidden)
-        prepare = getattr(attn, "forward_prepare_native", None)
-        if prepare is not None:
-            q, k, v = prepare(positions, x)
-        else:
-            qkv, _ = attn.qkv_proj(x)
-            q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-            q, k = attn.rotary_emb(positions, q, k)
-        return (q.reshape(n, self.num_q_heads, self.head_dim),
-                k.reshape(n, self.num_kv_heads, self.head_dim),
-                v.reshape(n, self.num_kv_heads, self.head_dim))
-
-    def attn_out(self, layer: int, attn: torch.Tensor) -> torch.Tensor:
-        return self._layers[layer].self_attn.o_proj(attn.reshape(attn.shape[0], -1))[0]
-
-    def mlp(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        block = self._layers[layer]
-        return block.mlp(block.post_attention_layernorm(hidden))
-
-    def attention_layer(self, layer: int) -> Any:
-        return self._layers[layer].self_attn.attn
+__all__ = ["PoolKVStore"]
 
 
 @dataclass

@@ -5,23 +5,30 @@ dataclass fields, so an extra attribute would never reach the scheduler processe
 a copy of ``ServerArgs``). The plugin therefore adds the flags to SGLang's own parser (hook on
 ``ServerArgs.add_cli_args``) and, when ``ServerArgs`` is built, moves their values into one
 environment variable holding JSON. Scheduler processes are started after that and inherit the
-environment, so every process reads the same options with ``ServerOptions.from_env()``.
+environment, so every process reads the same options with ``current_options()``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 
 from sglang_cacheblend.config import BlendConfig
 
 ENV_VAR = "SGLANG_CACHEBLEND_OPTIONS"
+ENABLE_FLAG = "--enable-cacheblend"
 RADIX_BACKEND_NAME = "cacheblend"
 # SGLang's seam for out-of-tree model classes; schedulers inherit it from the launcher.
 MODEL_PACKAGE_ENV_VAR = "SGLANG_EXTERNAL_MODEL_PACKAGE"
 MODEL_PACKAGE = "sglang_cacheblend.srt.models"
+# Set by ``sglang-cacheblend serve`` on CPU: the rotary fix is needed without CacheBlend too.
+NATIVE_ROTARY_ENV_VAR = "SGLANG_CACHEBLEND_NATIVE_ROTARY"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,12 +55,26 @@ class ServerOptions:
             raise ValueError(f"{ENV_VAR} is malformed: {exc}") from exc
 
 
+def current_options() -> ServerOptions:
+    """The options this process runs with (every hook body asks this first).
+
+    Read from the environment each time, parsed once per distinct value: the launcher sets the
+    variable only after the plugin was loaded, and tests start servers with other options.
+    """
+    return _parse_options(os.environ.get(ENV_VAR, ""))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_options(raw: str) -> ServerOptions:
+    return ServerOptions.from_env({ENV_VAR: raw})
+
+
 _DEFAULTS = BlendConfig()
 
 # (flag, namespace attribute, argparse kwargs); the attribute names are ours alone, prefixed so
 # they can never collide with a ServerArgs field.
 _FLAGS: tuple[tuple[str, str, dict], ...] = (
-    ("--enable-cacheblend", "cacheblend_enabled",
+    (ENABLE_FLAG, "cacheblend_enabled",
      dict(action="store_true", help="Blend cached RAG chunks at any position (CacheBlend).")),
     ("--cacheblend-recompute-ratio", "cacheblend_recompute_ratio",
      dict(type=float, default=_DEFAULTS.recompute_ratio,
@@ -77,9 +98,15 @@ _FLAGS: tuple[tuple[str, str, dict], ...] = (
 )
 
 
-def add_cli_args(parser: argparse.ArgumentParser) -> None:
+def add_cli_args(
+    parser: argparse.ArgumentParser, *, enable_action: type[argparse.Action] | None = None
+) -> None:
+    """Add the CacheBlend flags to SGLang's parser; ``enable_action`` replaces the plain
+    ``store_true`` of ``--enable-cacheblend`` (the plugin passes one that checks its hooks)."""
     group = parser.add_argument_group("CacheBlend (sglang-cacheblend plugin)")
     for flag, dest, kwargs in _FLAGS:
+        if flag == ENABLE_FLAG and enable_action is not None:
+            kwargs = {**kwargs, "action": enable_action, "nargs": 0, "default": False}
         group.add_argument(flag, dest=dest, **kwargs)
 
 
@@ -109,3 +136,33 @@ def pop_from_namespace(args: argparse.Namespace) -> ServerOptions:
                     "--cacheblend-*")
         raise ValueError(f"{flag}: {exc}") from exc
     return ServerOptions(enabled=values.get("cacheblend_enabled", False), blend=blend)
+
+
+def apply_to_server_args(args: argparse.Namespace) -> ServerOptions:
+    """Take our flags off the parsed namespace and publish them to the scheduler processes.
+
+    With ``--enable-cacheblend``: selects the ``cacheblend`` radix-cache backend and our model
+    package (refusing a conflicting choice), and writes the options to :data:`ENV_VAR`, which
+    the scheduler processes inherit. Without it, clears the variable, so every hook stays
+    inert. Raises ``ValueError`` naming the flag for an invalid value.
+    """
+    opts = pop_from_namespace(args)
+    if not opts.enabled:
+        os.environ.pop(ENV_VAR, None)
+        return opts
+    backend = getattr(args, "radix_cache_backend", None)
+    if backend not in (None, RADIX_BACKEND_NAME):
+        raise ValueError(
+            f"--enable-cacheblend needs --radix-cache-backend {RADIX_BACKEND_NAME}, got {backend!r}"
+        )
+    args.radix_cache_backend = RADIX_BACKEND_NAME
+    model_package = os.environ.get(MODEL_PACKAGE_ENV_VAR)
+    if model_package not in (None, MODEL_PACKAGE):
+        raise ValueError(
+            f"--enable-cacheblend loads its models from {MODEL_PACKAGE}, but "
+            f"{MODEL_PACKAGE_ENV_VAR}={model_package} is set"
+        )
+    os.environ[MODEL_PACKAGE_ENV_VAR] = MODEL_PACKAGE
+    os.environ[ENV_VAR] = opts.to_env()
+    logger.info("CacheBlend enabled: %s", opts)
+    return opts

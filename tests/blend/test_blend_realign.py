@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sglang_cacheblend.blend import RotaryConfig, realign_keys, realign_keys_inplace
-from sglang_cacheblend.blend.rope import _use_flashinfer
+from sglang_cacheblend.blend.realign import _use_flashinfer
 
 LLAMA3 = {
     "rope_type": "llama3",
@@ -254,7 +254,7 @@ def test_theta_is_read_from_transformers_v5_rope_parameters():
     """transformers v5 configs carry rope_theta only inside rope_parameters (SmolLM2: 1e5)."""
     import transformers
 
-    from sglang_cacheblend.blend.rotary import RotaryConfig
+    from sglang_cacheblend.blend.rotary_config import RotaryConfig
 
     config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=1e5)
     assert RotaryConfig.from_hf_config(config).base == 1e5

@@ -1,10 +1,10 @@
-"""Interfaces and result types of the chunk index.
+"""Types of the chunk index: the namespace, result tuples, stats and the allocator protocol.
 
 The chunk index maps a chunk (a namespace plus the chunk's token ids) to the KV that was computed
 for that chunk standalone: slot indices in the token-to-KV pool (``kv_loc``) and the absolute
 positions that KV was computed at (``positions``). It does not allocate slots: slots come from the
-pool allocator, the index owns them after :meth:`BaseChunkIndex.insert`, and gives them back
-through :class:`SlotFreer` when it evicts or clears an entry.
+pool allocator, the index owns them after :meth:`radix_ext.ChunkIndex.insert`, and gives them back
+through :class:`SlotFreer` when it evicts an entry.
 
 Chunk KV is never modified in place. Every tensor the index hands out (``ChunkMatch.kv_loc``,
 ``ChunkMatch.positions``) is read-only by contract: a request that reuses a chunk copies (and
@@ -13,8 +13,7 @@ realigns) the cached KV into slots of its own and writes its blended KV there.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol, Union
 
@@ -56,7 +55,7 @@ class ChunkNamespace:
         SGLang's per-request ``extra_key`` (it carries the LoRA adapter id, which changes KV).
     rope : tuple[tuple[str, Hashable], ...]
         Rotary configuration the keys were rotated with (keys are stored post-RoPE), as sorted
-        ``(name, value)`` pairs; build it with :meth:`from_rope_config`.
+        ``(name, value)`` pairs, e.g. ``tuple(sorted(rope_config.items()))``.
     variant : str
         How the chunk KV was computed (e.g. which attention-sink prefix preceded the chunk and
         was dropped), so that KV computed differently never matches.
@@ -75,32 +74,20 @@ class ChunkNamespace:
             raise ValueError(f"ChunkNamespace.rope must hold (name, value) pairs, got {self.rope}")
         hash(self)  # every field must be hashable: fail here, not at the first lookup
 
-    @classmethod
-    def from_rope_config(
-        cls,
-        model: str,
-        rope_config: dict[str, Hashable],
-        *,
-        cache_salt: str | None = None,
-        extra_key: str | None = None,
-        variant: str = "",
-    ) -> ChunkNamespace:
-        """Build a namespace from a rotary config mapping (e.g. base, rotary_dim, is_neox)."""
-        rope = tuple(sorted(rope_config.items()))
-        return cls(model, cache_salt, extra_key, rope, variant)
-
 
 class ChunkMatch(NamedTuple):
-    """Result of looking up one chunk span of a prompt.
+    """Result of looking up one chunk span ``[start, end)`` of a prompt.
 
-    ``kv_loc`` and ``positions`` are the index's own tensors, shape ``(span_len,)``, int64;
-    ``kv_loc`` lives on the allocator's device, ``positions`` on CPU and holds the absolute
-    positions the cached KV was computed at (not the span's positions in this prompt). Treat both
-    as read-only. A miss has ``entry_id``, ``kv_loc`` and ``positions`` set to ``None``.
+    ``start`` and ``end`` bound the span in the prompt looked up, half-open as everywhere else,
+    exactly as passed to :meth:`radix_ext.ChunkIndex.match`. ``kv_loc`` and ``positions`` are the
+    index's own tensors, shape ``(end - start,)``, int64; ``kv_loc`` lives on the allocator's
+    device, ``positions`` on CPU and holds the absolute positions the cached KV was computed at
+    (not the span's positions in this prompt). Treat both as read-only. A miss has ``entry_id``,
+    ``kv_loc`` and ``positions`` set to ``None``.
     """
 
-    span_start: int
-    span_len: int
+    start: int
+    end: int
     entry_id: int | None
     kv_loc: torch.Tensor | None
     positions: torch.Tensor | None
@@ -130,8 +117,9 @@ class LockResult(NamedTuple):
     """Result of locking chunks for a request.
 
     ``newly_locked_len`` counts the tokens of entries this call locked for the request (entries
-    it already held are not counted again); ``stale`` lists the indices (into the entry ids
-    passed) of entries no longer in the index, which were not locked: treat them as misses.
+    it already held are not counted again); ``stale`` lists the indices (into the matches
+    passed) of hits whose entry is no longer in the index, which were not locked: treat them as
+    misses.
     """
 
     newly_locked_len: int
@@ -139,6 +127,11 @@ class LockResult(NamedTuple):
 
 
 class ChunkEvictResult(NamedTuple):
+    """Result of an eviction: the tokens and entries it freed.
+
+    Entries go whole, so ``num_tokens_evicted`` may exceed the tokens asked for.
+    """
+
     num_tokens_evicted: int
     num_entries_evicted: int
 
@@ -172,58 +165,3 @@ class ChunkStats:
     @property
     def total_size(self) -> int:
         return self.evictable_size + self.locked_size
-
-
-class BaseChunkIndex(ABC):
-    """A store of standalone chunk KV, keyed by namespace and token ids."""
-
-    @abstractmethod
-    def match(
-        self, namespace: Hashable, prompt_ids: TokenIds, spans: Iterable[tuple[int, int]]
-    ) -> list[ChunkMatch]:
-        """Look up every ``[start, end)`` span of ``prompt_ids``; only access times change."""
-
-    @abstractmethod
-    def insert(
-        self,
-        namespace: Hashable,
-        token_ids: TokenIds,
-        kv_loc: torch.Tensor,
-        positions: int | torch.Tensor,
-        *,
-        rid: Hashable | None = None,
-    ) -> InsertChunkResult:
-        """Take ownership of ``kv_loc`` for a new chunk, or report the existing one."""
-
-    @abstractmethod
-    def lock(self, rid: Hashable, matches: Sequence[ChunkMatch]) -> LockResult:
-        """Protect the hit entries of ``matches`` from eviction until ``unlock(rid)``."""
-
-    @abstractmethod
-    def unlock(self, rid: Hashable) -> int:
-        """Release every lock ``rid`` holds; return the tokens it held (0 for unknown rids)."""
-
-    @abstractmethod
-    def evict(self, num_tokens: int, *, older_than: float | None = None) -> ChunkEvictResult:
-        """Evict unlocked entries, least recently used first, freeing their slots."""
-
-    @abstractmethod
-    def clear(self) -> int:
-        """Evict every entry (no locks may be held); return the tokens freed."""
-
-    @abstractmethod
-    def reset(self) -> None:
-        """Forget every entry and lock without freeing slots (the pool is cleared as a whole)."""
-
-    @abstractmethod
-    def evictable_size(self) -> int: ...
-
-    @abstractmethod
-    def locked_size(self) -> int: ...
-
-    @abstractmethod
-    def stats(self) -> ChunkStats: ...
-
-    @abstractmethod
-    def check_integrity(self) -> None:
-        """Raise ``AssertionError`` if any internal invariant is broken."""

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from sglang_cacheblend.config import BlendConfig
-from sglang_cacheblend.srt import options
+from sglang_cacheblend.srt import server_options as options
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -2,8 +2,8 @@
 
 SGLang stores keys after RoPE. A chunk cached at positions ``old`` and reused at ``new`` needs
 its keys rotated by ``delta = new - old`` per token (any sign). For a pure rotation
-``R(new) = R(delta) R(old)``, so this is exact up to rounding (see :mod:`.rotary` for the
-scaling schemes where it is not, which :class:`~.rotary.RotaryConfig` refuses).
+``R(new) = R(delta) R(old)``, so this is exact up to rounding (see :mod:`.rotary_config` for the
+scaling schemes where it is not, which :class:`~.rotary_config.RotaryConfig` refuses).
 
 Two paths, same result:
 
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from sglang_cacheblend.blend.rotary import RotaryConfig
+    from sglang_cacheblend.blend.rotary_config import RotaryConfig
 
 __all__ = ["realign_keys", "realign_keys_inplace"]
 

@@ -45,7 +45,7 @@ class SelectionInputs:
         computed at this layer in the current prompt; K after RoPE at the row's new position.
     cached_k, cached_v : torch.Tensor
         Same shape, dtype and device as ``fresh_k``. The cached K/V of the same rows, K already
-        RoPE-realigned to the new positions (:func:`sglang_cacheblend.blend.rope.realign_keys`).
+        RoPE-realigned to the new positions (:func:`sglang_cacheblend.blend.realign.realign_keys`).
         Rows with ``reuse_mask`` False hold anything (they are never scored).
     reuse_mask : torch.Tensor
         Shape ``(num_rows,)``, bool. True where the row has cached KV and may take it; False rows

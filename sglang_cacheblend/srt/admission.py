@@ -1,0 +1,274 @@
+"""Per-request chunk admission: lock a request's chunk hits, plan its blend, hand chunks over.
+
+One :class:`RequestChunks` per chunked request holds everything the scheduler side decides about
+it, from admission to release; :class:`ChunkAdmission` owns those objects for one radix cache
+and is what the model reads (``BlendRequestSource``). The life of a chunked request:
+
+1. ``touch`` (each ``match_prefix``): look its spans up, so their access times move on; no lock.
+2. ``admit`` (when SGLang admits it to prefill): lock the hits, decide the blend, allocate slots
+   for missed chunks (the model computes them standalone in the request's forward).
+3. ``store_computed_chunk`` (from the forward): a missed chunk's KV goes into the index.
+4. ``hand_off_precompute`` (a finished precompute request): its chunk's slots go to the index.
+5. ``release`` (finish, abort, retraction): locks released, slots never computed freed.
+
+Chunk KV is read-only: hits' slots belong to the index; a request copies (and realigns) them into
+slots of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+from sglang_cacheblend.srt.blend_namespace import chunk_extra_key
+from sglang_cacheblend.srt.blend_request import BlendRequest, ChunkHit, ChunkMiss
+
+if TYPE_CHECKING:
+    from sglang.srt.managers.schedule_batch import Req
+
+    from radix_ext import ChunkIndex, ChunkMatch, ChunkNamespace
+    from sglang_cacheblend.srt.chunk_request import ChunkRequest
+
+__all__ = ["ChunkAdmission", "ChunkCache", "RequestChunks"]
+
+logger = logging.getLogger(__name__)
+
+
+class ChunkCache(Protocol):
+    """What admission needs of its radix cache (``CacheBlendRadixCache``)."""
+
+    chunk_index: ChunkIndex
+    page_size: int
+    token_to_kv_pool_allocator: Any
+    req_to_token_pool: Any
+    evict: Callable[..., Any]
+    insert_chunk: Callable[..., Any]
+    chunk_namespace: Callable[..., ChunkNamespace]
+    free_kv_row: Callable[..., Any]
+
+
+@dataclass
+class RequestChunks:
+    """What the scheduler side decided for one admitted chunked request.
+
+    ``report`` is its accounting (``meta_info["cacheblend"]``); ``blend`` the blend the model
+    runs, if any; ``pending`` the missed chunks whose slots were allocated and that have not
+    reached the index yet (freed on release if they never do).
+    """
+
+    request: ChunkRequest
+    namespace: ChunkNamespace
+    report: dict[str, object]
+    blend: BlendRequest | None = None
+    pending: dict[int, ChunkMiss] = field(default_factory=dict)
+
+
+class ChunkAdmission:
+    """Admission, blend planning and release of chunked requests on one radix cache."""
+
+    def __init__(self, cache: ChunkCache) -> None:
+        self._cache = cache
+        self._requests: dict[Hashable, RequestChunks] = {}
+
+    # ------------------------------------------------------------------ scheduler side
+
+    def touch(self, req: Req, request: ChunkRequest, prefix_len: int) -> None:
+        """Look the request's spans past the exact prefix up; only access times change."""
+        self._match(req, request, prefix_len)
+
+    def admit(self, req: Req, request: ChunkRequest, *, spare_tokens: int | None) -> None:
+        """Lock the chunk hits of a request just admitted to prefill and decide its blend.
+
+        ``spare_tokens`` is what the scheduler's admission budget has left after this request;
+        missed chunks are computed standalone only within it. Never raises: an error leaves
+        the request to a normal prefill (the scheduler must keep serving).
+        """
+        try:
+            self._admit(req, request, spare_tokens)
+        except Exception:
+            logger.exception("request %s: chunk admission failed; prefilling it normally", req.rid)
+            self.release(req.rid)
+
+    def _admit(self, req: Req, request: ChunkRequest, spare_tokens: int | None) -> None:
+        matches = self._match(req, request, req.prefix_len)
+        self._cache.chunk_index.lock(req.rid, matches)
+        state = RequestChunks(request, self._namespace(req, request), {
+            "prefix_cached_tokens": int(req.prefix_len),
+            "chunks": len(request.spans),
+            "chunk_hits": sum(m.hit for m in matches),
+            "chunk_misses": sum(not m.hit for m in matches),
+        })
+        self._requests[req.rid] = state
+        reason = self._plan(req, state, matches, spare_tokens)
+        state.report["blended"] = state.blend is not None
+        if state.blend is None:
+            state.report["reason"] = reason
+            return
+        state.report["chunk_reused_tokens"] = state.blend.reused_tokens
+        state.report["computed_standalone_tokens"] = sum(
+            m.end - m.start for m in state.blend.misses
+        )
+
+    def _plan(self, req: Req, state: RequestChunks, matches: Sequence[ChunkMatch],
+              spare_tokens: int | None) -> str:
+        """Set ``state.blend`` when enough of the prompt comes from chunks; else say why not.
+
+        Chunk tokens count whether they hit or not: a missed chunk is computed standalone first
+        (and cached for the next request), which is what makes it reusable at all.
+        """
+        config = state.request.blend
+        if config is None:
+            return "the request does not blend"
+        if not matches:
+            return "no chunk outside the cached prefix"
+        chunk_tokens = sum(m.end - m.start for m in matches)
+        if chunk_tokens < config.min_reused_tokens:
+            return (f"{chunk_tokens} chunk tokens outside the cached prefix, below "
+                    f"min_reused_tokens={config.min_reused_tokens}")
+        hits = tuple(ChunkHit(m.start, m.end, m.kv_loc, m.positions) for m in matches if m.hit)
+        misses = self._allocate_misses(req, state, [m for m in matches if not m.hit],
+                                       spare_tokens)
+        if not hits and not misses:
+            return "no free KV slots to compute the missed chunks standalone"
+        state.blend = BlendRequest(hits, config, misses=misses,
+                                   prompt_len=len(req.origin_input_ids))
+        return ""
+
+    def _allocate_misses(self, req: Req, state: RequestChunks, misses: Sequence[ChunkMatch],
+                         spare_tokens: int | None) -> tuple[ChunkMiss, ...]:
+        """Slots (sink + chunk) for each missed chunk, as far as the admission budget allows.
+
+        The budget reads the allocator live, so requests admitted after this one see these
+        slots as taken. A chunk that does not fit is recomputed in place as an ordinary
+        uncached span (the blend stays correct, the chunk is just not cached).
+        """
+        cache = self._cache
+        if not misses or cache.page_size != 1:
+            return ()
+        sink = state.request.sink
+        allocator = cache.token_to_kv_pool_allocator
+        spare = allocator.available_size() if spare_tokens is None else spare_tokens
+        out = []
+        for match in misses:
+            need = len(sink) + match.end - match.start
+            if need > spare:
+                break
+            if allocator.available_size() < need:
+                cache.evict(EvictParams(num_tokens=need - allocator.available_size()))
+            slots = allocator.alloc(need)
+            if slots is None:
+                break
+            spare -= need
+            miss = ChunkMiss(
+                match.start, match.end,
+                torch.tensor(req.origin_input_ids[match.start:match.end], dtype=torch.int64),
+                sink, slots[: len(sink)], slots[len(sink):],
+            )
+            state.pending[id(miss)] = miss
+            out.append(miss)
+        return tuple(out)
+
+    # ------------------------------------------------------------------ model side
+
+    def blend_request(self, rid: Hashable) -> BlendRequest | None:
+        """The blend decided at admission, if any (``BlendRequestSource``)."""
+        state = self._requests.get(rid)
+        return None if state is None else state.blend
+
+    def blend_report(self, rid: Hashable) -> dict[str, object] | None:
+        """What the cache decided for a chunked request (``meta_info["cacheblend"]``)."""
+        state = self._requests.get(rid)
+        return None if state is None else state.report
+
+    def store_computed_chunk(self, rid: Hashable, miss: ChunkMiss) -> None:
+        """Take a missed chunk's standalone KV (computed by the model) into the index.
+
+        The entry is locked for ``rid`` like a hit; the sink slots are freed, and so are the
+        chunk slots if an equal chunk got into the index first.
+        """
+        state = self._requests.get(rid)
+        if state is None or state.pending.pop(id(miss), None) is None:
+            raise KeyError(f"request {rid}: chunk [{miss.start}, {miss.end}) is not pending")
+        allocator = self._cache.token_to_kv_pool_allocator
+        allocator.free_segment(miss.sink_loc, start_pos=0)
+        result = self._cache.insert_chunk(
+            state.namespace, miss.token_ids.tolist(), miss.kv_loc, len(miss.sink_ids), rid=rid
+        )
+        if result.redundant_loc is not None:
+            allocator.free_segment(result.redundant_loc, start_pos=0)
+
+    # ------------------------------------------------------------------ precompute and release
+
+    def hand_off_precompute(self, req: Req, request: ChunkRequest, up_to: int) -> None:
+        """Move a finished precompute request's chunk slots from its row to the chunk index.
+
+        The request matched no prefix, so it owns its whole row:
+
+        ===============  ============================  ========================================
+        row positions    KV of                         after this call
+        ===============  ============================  ========================================
+        [0, start)       the attention sink            freed here
+        [start, end)     the chunk, at those positions owned by the index (a duplicate: freed)
+        [end, up_to)     generated tokens, if any      freed here
+        [up_to, ...)     over-allocation               freed by ``release_kv_cache``
+        ===============  ============================  ========================================
+
+        ``cache_protected_len`` becomes ``up_to``, so ``release_kv_cache`` frees none of
+        ``[0, up_to)`` again: every slot has exactly one owner.
+        """
+        cache = self._cache
+        ((start, end),) = request.spans
+        protected = req.kv.cache_protected_len
+        if cache.page_size != 1 or protected > start or end > up_to:
+            logger.error(
+                "request %s: chunk [%d, %d) not stored (page_size %d, protected %d, kv %d)",
+                req.rid, start, end, cache.page_size, protected, up_to,
+            )
+            return
+        row = cache.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :up_to].to(torch.int64)
+        result = cache.insert_chunk(
+            self._namespace(req, request), req.origin_input_ids[start:end],
+            row[start:end].clone(), start,
+        )
+        if result.redundant_loc is None:
+            ranges = [(protected, start), (end, up_to)]
+        else:
+            ranges = [(protected, up_to)]
+        cache.free_kv_row(req.kv, [(lo, hi) for lo, hi in ranges if lo < hi])
+        req.kv.cache_protected_len = up_to
+
+    def release(self, rid: Hashable) -> None:
+        """Forget a request: free the slots of its misses that never reached the index and
+        unlock every chunk it holds. Idempotent; called on finish, abort and retraction."""
+        state = self._requests.pop(rid, None)
+        allocator = self._cache.token_to_kv_pool_allocator
+        for miss in () if state is None else state.pending.values():
+            allocator.free_segment(miss.sink_loc, start_pos=0)
+            allocator.free_segment(miss.kv_loc, start_pos=0)
+        self._cache.chunk_index.unlock(rid)
+
+    def reset(self) -> None:
+        """Drop every request's state; their slots go back with ``allocator.clear()``."""
+        self._requests.clear()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _match(self, req: Req, request: ChunkRequest, prefix_len: int) -> list[ChunkMatch]:
+        spans = [(start, end) for start, end in request.spans if end > prefix_len]
+        if not spans:
+            return []
+        return self._cache.chunk_index.match(
+            self._namespace(req, request), req.origin_input_ids, spans
+        )
+
+    def _namespace(self, req: Req, request: ChunkRequest) -> ChunkNamespace:
+        """A request's chunk namespace: its caller's ``extra_key``, not its blend key."""
+        return self._cache.chunk_namespace(
+            cache_salt=req.cache_salt, extra_key=chunk_extra_key(req.extra_key),
+            variant=request.variant,
+        )

@@ -1,0 +1,330 @@
+"""The ``cacheblend`` radix-cache backend: SGLang's prefix tree plus the chunk index.
+
+Registered by the plugin as ``register_radix_cache_backend("cacheblend", create_cacheblend_cache)``
+and selected with ``--radix-cache-backend cacheblend``.
+
+Why the legacy ``RadixCache`` and not ``UnifiedRadixCache``
+-----------------------------------------------------------
+The legacy tree keeps this glue small: object nodes whose ``value`` is the int64 slot tensor and
+whose ``last_access_time`` is ``time.monotonic()``, the same clock as the chunk index, so a single
+LRU order spans both stores. FlexKV's backend builds on it too. What is lost: HiCache (host/L3
+tiers), session radix caches and streaming sessions, the ``tlru`` eviction policy and mamba/SWA
+components; ``create_cacheblend_cache`` refuses those configurations loudly. Exact-prefix
+behaviour (``match_prefix``, ``insert``, ``checkpoint``, locks) is inherited unchanged.
+
+One pool, two stores
+--------------------
+Chunk KV lives in the same token-to-KV pool as the tree's KV. The scheduler sees both through
+``evictable_size()`` / ``protected_size()`` / ``total_size()`` (the tree's plus the index's), so
+its leak check ``available + evictable + protected (+ uncached) == max_total_num_tokens`` holds
+with chunk KV held by the index. Under memory pressure ``evict`` frees from whichever store holds
+the least recently used evictable KV: the tree's next victim leaf or the index's LRU entry.
+
+Namespaces: blended KV is never an exact prefix of an unblended request
+-----------------------------------------------------------------------
+- Chunk entries are keyed by :class:`~radix_ext.ChunkNamespace` (model, ``cache_salt``,
+  the caller's ``extra_key``, RoPE config, how the chunk KV was computed); build one with
+  :meth:`CacheBlendRadixCache.chunk_namespace`. Chunk KV is exact for the chunk standalone.
+- A request that asks for blending carries the ``extra_key`` of its blend settings
+  (:mod:`sglang_cacheblend.srt.blend_namespace`, set by the tokenizer hook). Its approximate KV goes
+  into the prefix tree under that key like any finished request's, so a follow-up turn blended
+  the same way reuses it as a prefix, and no other request ever matches it.
+
+Requests with chunks
+--------------------
+The per-request side (locking a request's hits, planning its blend, slots for its missed chunks,
+handing computed chunks to the index, release) is :class:`~.admission.ChunkAdmission`; this
+class calls it from SGLang's cache protocol (``match_prefix``, ``checkpoint``, ``on_release``,
+``release_aborted_request``) and the admission hook calls :meth:`admit_chunks`. A request's
+chunk layout is the :class:`~.chunk_request.ChunkRequest` the tokenizer process wrote.
+
+Chunk KV is read-only
+---------------------
+Slots in ``ChunkMatch.kv_loc`` belong to the index. A request that reuses a chunk copies (and
+RoPE-realigns) that KV into slots of its own and writes its blended KV there; nothing writes to a
+chunk's slots after ``insert_chunk``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import time
+from collections.abc import Hashable
+from typing import TYPE_CHECKING
+
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import (
+    EvictParams,
+    EvictResult,
+    MatchPrefixParams,
+    MatchResult,
+)
+from sglang.srt.mem_cache.radix_cache import RadixCache
+
+from radix_ext import ChunkIndex, ChunkNamespace, ChunkStats, InsertChunkResult, TokenIds
+from sglang_cacheblend.srt.admission import ChunkAdmission
+from sglang_cacheblend.srt.blend_settings import check_fits_model
+from sglang_cacheblend.srt.chunk_request import chunk_request_of
+from sglang_cacheblend.srt.server_options import current_options
+
+if TYPE_CHECKING:
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.mem_cache.base_prefix_cache import CacheRequestHandle
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.registry import TreeCacheBuildContext
+
+logger = logging.getLogger(__name__)
+
+class CacheBlendRadixCache(RadixCache):
+    """SGLang's legacy radix tree that also owns a :class:`~radix_ext.ChunkIndex`.
+
+    Parameters
+    ----------
+    params : CacheInitParams
+        As for ``RadixCache``; the chunk index frees into ``params.token_to_kv_pool_allocator``.
+    model_id : str
+        Model identity for chunk namespaces (path plus revision).
+    rope : tuple[tuple[str, Hashable], ...]
+        Rotary configuration for chunk namespaces, sorted ``(name, value)`` pairs.
+    """
+
+    def __init__(
+        self,
+        params: CacheInitParams,
+        *,
+        model_id: str = "model",
+        rope: tuple[tuple[str, Hashable], ...] = (),
+    ) -> None:
+        # RadixCache.__init__ calls reset(), which resets the index: create the index first.
+        self.chunk_index = ChunkIndex(params.token_to_kv_pool_allocator, clock=time.monotonic)
+        self.admission = ChunkAdmission(self)
+        self._model_id = model_id
+        self._rope = rope
+        super().__init__(params)
+
+    # ------------------------------------------------------------------ chunk storage
+
+    def chunk_namespace(
+        self, *, cache_salt: str | None = None, extra_key: str | None = None, variant: str = ""
+    ) -> ChunkNamespace:
+        """The chunk namespace of this model for a request's ``cache_salt``/``extra_key``."""
+        return ChunkNamespace(self._model_id, cache_salt, extra_key, self._rope, variant)
+
+    def insert_chunk(
+        self,
+        namespace: Hashable,
+        token_ids: TokenIds,
+        kv_loc: torch.Tensor,
+        positions: int | torch.Tensor,
+        *,
+        rid: Hashable | None = None,
+    ) -> InsertChunkResult:
+        """Hand a standalone chunk's slots to the index (see :meth:`radix_ext.ChunkIndex.insert`).
+
+        ``kv_loc``: shape ``(chunk_len,)``, int64, on the pool allocator's device; ``positions``:
+        the start position or per-token absolute positions the KV was computed at. For a chunk
+        already cached, ``redundant_loc`` holds the caller's slots, which the caller frees. With
+        ``rid`` the entry is locked for that request too.
+        """
+        if self.page_size != 1:
+            raise ValueError(
+                f"chunk KV needs page_size 1 (slots are freed per chunk), got {self.page_size}"
+            )
+        return self.chunk_index.insert(namespace, token_ids, kv_loc, positions, rid=rid)
+
+    def chunk_stats(self) -> ChunkStats:
+        """Hits, misses, inserts, evictions and sizes of the chunk index (tokens)."""
+        return self.chunk_index.stats()
+
+    def admit_chunks(self, req: Req, *, spare_tokens: int | None = None) -> None:
+        """Called when SGLang admits ``req`` to prefill: its chunks' admission (see
+        :meth:`.admission.ChunkAdmission.admit`)."""
+        request = chunk_request_of(req)
+        if request is None or request.precompute or self.disable:
+            return
+        self.admission.admit(req, request, spare_tokens=spare_tokens)
+
+    # ------------------------------------------------------------------ SGLang overrides
+
+    def reset(self) -> None:
+        """Drop the tree and the index; slots are left to ``allocator.clear()`` as for the tree."""
+        super().reset()
+        self.chunk_index.reset()
+        self.admission.reset()  # their slots go back with allocator.clear(), as the tree's
+
+    def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
+        """SGLang's exact-prefix match, plus a lookup of the request's chunk spans.
+
+        Side effects: access times only (the scheduler calls this several times per request).
+        A precompute request matches nothing, so its whole row is its own.
+        """
+        request = None if params.req is None else chunk_request_of(params.req)
+        if request is not None and request.precompute:
+            return self._empty_match_result
+        result = super().match_prefix(params)
+        if request is not None and not self.disable:
+            self.admission.touch(params.req, request, result.device_prefix_len)
+        return result
+
+    def checkpoint(self, req: Req, *, up_to: int) -> None:
+        """As ``RadixCache.checkpoint``, except for precompute requests.
+
+        Their KV never enters the prefix tree: when the request finishes (not aborted), its chunk
+        slots go to the chunk index; before that, the row stays the request's.
+        """
+        request = chunk_request_of(req)
+        if request is None or not request.precompute:
+            super().checkpoint(req, up_to=up_to)
+            return
+        from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+        aborted = isinstance(req.finished_reason, FINISH_ABORT)
+        if not self.disable and req.finished() and not aborted:
+            self.admission.hand_off_precompute(req, request, up_to)
+
+    def evict(self, params: EvictParams) -> EvictResult:
+        """Free at least ``params.num_tokens`` from the tree and the chunk index together.
+
+        The tree picks its next victim leaf by its eviction policy; between that leaf and the
+        index's least recently used entry, the one accessed longer ago goes first (ties go to the
+        tree). Locked tree nodes and locked chunks are never evicted.
+        """
+        start_time = time.perf_counter()
+        need = params.num_tokens
+        heap = []
+        if not self.disable:
+            heap = [(self.eviction_strategy.get_priority(n), n) for n in self.evictable_leaves]
+            heapq.heapify(heap)
+        tree_freed = chunk_freed = 0
+        while tree_freed + chunk_freed < need:
+            leaf = heap[0][1] if heap else None
+            head = self.chunk_index.lru_head()
+            if head is not None and (leaf is None or head.last_access_time < leaf.last_access_time):
+                older_than = None if leaf is None else leaf.last_access_time
+                result = self.chunk_index.evict(need - tree_freed - chunk_freed, older_than=older_than)
+                chunk_freed += result.num_tokens_evicted
+                continue
+            if leaf is None:
+                break
+            heapq.heappop(heap)
+            tree_freed += self._evict_leaf(leaf, heap)
+        self.update_eviction_metrics(tree_freed + chunk_freed, start_time)
+        return EvictResult(num_tokens_evicted=tree_freed + chunk_freed)
+
+    def evictable_size(self) -> int:
+        return super().evictable_size() + self.chunk_index.evictable_size()
+
+    def protected_size(self) -> int:
+        return super().protected_size() + self.chunk_index.locked_size()
+
+    def total_size(self) -> int:
+        return super().total_size() + self.chunk_index.total_size()
+
+    def all_values_flatten(self) -> torch.Tensor:
+        tree_values = [child.value for child in self._iter_nodes()]
+        return torch.cat([*tree_values, self.chunk_index.all_kv_loc().to(self.device)])
+
+    def on_release(self, req: Req, *, checkpointed: bool) -> None:
+        super().on_release(req, checkpointed=checkpointed)
+        self.admission.release(req.rid)
+
+    def release_aborted_request(self, handle: CacheRequestHandle) -> None:
+        super().release_aborted_request(handle)
+        self.admission.release(handle.rid)
+
+    def check_integrity(self) -> None:
+        """Check the chunk index and the tree's size accounting; raise ``AssertionError``."""
+        self.chunk_index.check_integrity()
+        evictable = protected = 0
+        for node in self._iter_nodes():
+            assert node.value is not None and len(node.value) == len(node.key)
+            if node.lock_ref > 0:
+                protected += len(node.key)
+            else:
+                evictable += len(node.key)
+        assert (evictable, protected) == (self.evictable_size_, self.protected_size_), (
+            f"tree sizes {(self.evictable_size_, self.protected_size_)} != {(evictable, protected)}"
+        )
+        owned = self.all_values_flatten()
+        assert owned.unique().numel() == owned.numel(), "a slot is owned twice"
+
+    # ------------------------------------------------------------------ helpers
+
+    def _evict_leaf(self, leaf, heap: list) -> int:
+        """Free one tree leaf, as ``RadixCache.evict`` does, and queue its parent if it became a
+        leaf; return the tokens freed."""
+        self.token_to_kv_pool_allocator.free_segment(leaf.value, start_pos=0)
+        freed = len(leaf.value)
+        self._delete_leaf(leaf)
+        parent = leaf.parent
+        if not parent.children and parent.lock_ref == 0:
+            heapq.heappush(heap, (self.eviction_strategy.get_priority(parent), parent))
+        self.kv_events.record_remove(leaf)
+        return freed
+
+    def _iter_nodes(self):
+        stack = list(self.root_node.children.values())
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.children.values())
+
+
+def create_cacheblend_cache(ctx: TreeCacheBuildContext) -> CacheBlendRadixCache:
+    """Factory for ``register_radix_cache_backend("cacheblend", ...)``, in each scheduler.
+
+    Refuses, with ``ValueError`` (the scheduler then stops with that message), what this cache
+    cannot serve: CacheBlend not enabled (the request hooks would be inert), hooks that did not
+    apply in this process, hybrid SWA or mamba models, HiCache, and blend settings the served
+    model cannot run.
+    """
+    from sglang_cacheblend.srt.hooks import verify_hooks_applied
+
+    options = current_options()
+    if not options.enabled:
+        raise ValueError("--radix-cache-backend cacheblend is selected by --enable-cacheblend; "
+                         "pass that flag instead")
+    verify_hooks_applied()
+    if ctx.is_hybrid_swa or ctx.is_hybrid_ssm:
+        raise ValueError("--radix-cache-backend cacheblend supports full-attention models only")
+    if ctx.enable_hierarchical_cache:
+        raise ValueError("--radix-cache-backend cacheblend does not support HiCache")
+    num_layers = getattr(ctx.model_config, "num_hidden_layers", None)
+    if num_layers is not None:
+        check_fits_model(options.blend, num_layers,
+                         what="--cacheblend-check-layer / --cacheblend-gradual-end-layer")
+    cache = CacheBlendRadixCache(
+        ctx.params, model_id=_model_id(ctx.model_config), rope=_rope_signature(ctx.model_config)
+    )
+    model = ctx.tp_worker.model_runner.model if ctx.tp_worker is not None else None
+    attach = getattr(model, "attach_blend_source", None)
+    if callable(attach):
+        attach(cache.admission)
+    else:
+        logger.warning("%s has no blended extend: chunk hits are looked up and locked, but "
+                       "requests are prefilled in full", type(model).__name__)
+    return cache
+
+
+def _model_id(model_config) -> str:
+    path = getattr(model_config, "model_path", None) or "model"
+    revision = getattr(model_config, "revision", None)
+    return path if revision is None else f"{path}@{revision}"
+
+
+def _rope_signature(model_config) -> tuple[tuple[str, Hashable], ...]:
+    """The rotary settings that decide the post-RoPE keys, as sorted hashable pairs."""
+    hf_config = getattr(model_config, "hf_text_config", None)
+    rope = {
+        "rope_theta": getattr(hf_config, "rope_theta", None),
+        "rope_scaling": getattr(hf_config, "rope_scaling", None),
+        "rope_parameters": getattr(hf_config, "rope_parameters", None),
+        "partial_rotary_factor": getattr(hf_config, "partial_rotary_factor", None),
+        "head_dim": getattr(model_config, "head_dim", None),
+    }
+    return tuple(
+        (name, json.dumps(value, sort_keys=True, default=str))
+        for name, value in sorted(rope.items())
+    )

@@ -1,0 +1,203 @@
+"""Where chunk marking enters SGLang: the tokenizer manager's per-request tokenization.
+
+``tokenize_with_chunks`` wraps ``TokenizerManager._tokenize_one_request``. A request with chunk
+markers in its text, or with a CacheBlend ``kv_hints`` action, is tokenized here: every chunk on
+its own (:mod:`sglang_cacheblend.chunks`), the tokenizer's own special tokens around the whole
+prompt. Everything the client said about chunks is parsed and validated here, once, against
+the final token ids and the served model, and replaced by one server-written
+:class:`~.chunk_request.ChunkRequest` that the scheduler trusts. Bad markers, spans or settings
+raise ``ValueError``, which SGLang's HTTP layer answers with 400.
+
+Both hooks here do nothing unless the server runs with ``--enable-cacheblend``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sglang.srt.managers.kv_hints import KvHintsEnvelope, decode_kv_hints_envelope
+
+from sglang_cacheblend.chunks import (
+    ACTION_TYPES,
+    ClientAction,
+    Segment,
+    Span,
+    contains_markers,
+    precompute_prompt,
+    read_client_action,
+    sink_ids,
+    special_affixes,
+    split_chunks,
+    strip_markers,
+    tokenize_segments,
+    validate_spans,
+)
+from sglang_cacheblend.srt.blend_namespace import (
+    BLEND_KEY_PREFIX,
+    blend_extra_key,
+    is_blend_extra_key,
+)
+from sglang_cacheblend.srt.blend_settings import check_fits_model, effective_config
+from sglang_cacheblend.srt.chunk_request import SERVER_ACTION, ChunkRequest, envelope_with
+from sglang_cacheblend.srt.server_options import ServerOptions, current_options
+
+if TYPE_CHECKING:
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+__all__ = ["ChunkTokenizer", "keep_sequential_tokenization", "tokenize_with_chunks"]
+
+logger = logging.getLogger(__name__)
+
+
+class ChunkTokenizer:
+    """The server's tokenizer as the chunk functions need it."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        if tokenizer is None:
+            raise ValueError("CacheBlend chunks need the server's tokenizer (skip_tokenizer_init)")
+        self._tokenizer = tokenizer
+
+    def plain(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def default(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text))
+
+    def sink(self) -> tuple[int, ...]:
+        return sink_ids(getattr(self._tokenizer, "bos_token_id", None), self.plain)
+
+
+@dataclass(frozen=True)
+class _Decided:
+    """A chunked request before SGLang's own checks: all but the final span check."""
+
+    precompute: bool
+    spans: tuple[Span, ...]
+    sink: tuple[int, ...]
+    envelope: KvHintsEnvelope | None
+    blend: Any  # BlendConfig | None
+
+
+async def tokenize_with_chunks(original: Callable[..., Any], manager: Any, obj: Any) -> Any:
+    """AROUND ``TokenizerManager._tokenize_one_request``: see the module docstring."""
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    options = current_options()
+    if not options.enabled or not isinstance(obj, GenerateReqInput):
+        return await original(manager, obj)
+    decided = _decide(manager, obj, options)
+    tokenized = await original(manager, obj)
+    if decided is not None:
+        # SGLang may have truncated input_ids (--allow-auto-truncate): check the final ids.
+        spans = validate_spans(decided.spans, len(tokenized.input_ids),
+                               max_chunk_len=manager.context_len)
+        request = ChunkRequest(decided.precompute, spans, decided.sink, decided.blend)
+        tokenized.kv_hints = envelope_with(decided.envelope, request, obj.rid)
+    return tokenized
+
+
+def _decide(manager: Any, obj: GenerateReqInput, options: ServerOptions) -> _Decided | None:
+    """Tokenize a chunked request in place (``input_ids``, ``text``, ``extra_key``).
+
+    Returns None for a request without chunks, after refusing what only the server may set.
+    """
+    if is_blend_extra_key(obj.extra_key):
+        raise ValueError(f"extra_key must not start with {BLEND_KEY_PREFIX!r} (reserved)")
+    envelope = decode_envelope(obj.kv_hints)
+    triples = _triples(envelope)
+    if any(kind == SERVER_ACTION for kind, _, _ in triples):
+        raise ValueError(f"kv_hints action type {SERVER_ACTION!r} is reserved for the server")
+    client = read_client_action(triples)
+    marked = isinstance(obj.text, str) and contains_markers(obj.text)
+    if client is None and not marked:
+        return None
+    if obj.input_embeds is not None:
+        raise ValueError("CacheBlend chunks need text or input_ids, not input_embeds")
+    tokenizer = ChunkTokenizer(manager.tokenizer)
+    limit = manager.context_len
+    sink = tokenizer.sink()
+    if marked:
+        if client is not None and not client.precompute:
+            raise ValueError(
+                "mark chunks either in the text or with a cacheblend.chunks action, not both"
+            )
+        segments = split_chunks(obj.text)
+        max_new_tokens = (obj.sampling_params or {}).get("max_new_tokens")
+        precompute = client is not None or (max_new_tokens == 0 and _is_one_chunk(segments))
+        if precompute and not _is_one_chunk(segments):
+            raise ValueError("a precompute request holds exactly one chunk and no other text")
+        if precompute:
+            prompt = precompute_prompt(tokenizer.plain(segments[0].text), sink, max_chunk_len=limit)
+        else:
+            prefix, suffix = special_affixes(tokenizer.default, tokenizer.plain)
+            prompt = tokenize_segments(
+                segments, tokenizer.plain, prefix_ids=prefix, suffix_ids=suffix, max_chunk_len=limit
+            )
+        obj.input_ids, obj.text = list(prompt.input_ids), strip_markers(segments)
+        spans = prompt.spans
+    elif client.precompute:
+        chunk_ids = list(obj.input_ids) if obj.input_ids is not None else tokenizer.plain(obj.text)
+        prompt = precompute_prompt(chunk_ids, sink, max_chunk_len=limit)
+        obj.input_ids = list(prompt.input_ids)
+        precompute, spans = True, prompt.spans
+    else:
+        precompute, spans = False, client.spans
+    blend = None if precompute else _blend_settings(manager, obj, client, options)
+    return _Decided(precompute, spans, sink, envelope, blend)
+
+
+def _blend_settings(manager: Any, obj: GenerateReqInput, client: ClientAction | None,
+                    options: ServerOptions):
+    """The request's effective settings, checked against the model; puts the request into its
+    settings' prefix namespace (:mod:`.blend_namespace`): blended KV is shared as a prefix only
+    among requests blended the same way."""
+    config = effective_config(options.blend, client)
+    check_fits_model(config, manager.model_config.num_hidden_layers,
+                     what="kv_hints cacheblend.chunks gradual/check layer")
+    obj.extra_key = blend_extra_key(obj.extra_key, config)
+    return config
+
+
+def _is_one_chunk(segments: tuple[Segment, ...]) -> bool:
+    return len(segments) == 1 and segments[0].is_chunk
+
+
+def keep_sequential_tokenization(
+    original: Callable[..., bool], manager: Any, batch_size: int, requests: Any
+) -> bool:
+    """AROUND ``TokenizerManager._should_use_batch_tokenization``: chunked batches go one by one.
+
+    Batch encoding (``--enable-tokenizer-batch-encode``) tokenizes texts without
+    ``_tokenize_one_request``, so it would never see the markers.
+    """
+    if not current_options().enabled:
+        return original(manager, batch_size, requests)
+    texts = getattr(requests, "text", None)
+    hints = getattr(requests, "kv_hints", None)
+    hints = hints if isinstance(hints, list) else [hints]
+    if contains_markers(texts) or any(_has_cacheblend_action(h) for h in hints):
+        return False
+    return original(manager, batch_size, requests)
+
+
+def decode_envelope(kv_hints: Any) -> KvHintsEnvelope | None:
+    """SGLang's typed envelope for a request's ``kv_hints`` (dict or struct), or None."""
+    return decode_kv_hints_envelope(kv_hints) if kv_hints else None
+
+
+def _triples(envelope: KvHintsEnvelope | None) -> list[tuple[str, str, Any]]:
+    if envelope is None:
+        return []
+    return [(a.action_type, a.action_version, a.payload) for a in envelope.actions]
+
+
+def _has_cacheblend_action(kv_hints: Any) -> bool:
+    try:
+        envelope = decode_envelope(kv_hints)
+    except ValueError:
+        return True  # malformed: the per-request path reports it
+    reserved = (*ACTION_TYPES, SERVER_ACTION)
+    return any(kind in reserved for kind, _, _ in _triples(envelope))
