@@ -31,7 +31,7 @@ from sglang_cacheblend.blend.hf_llama import HFLlamaOps
 from sglang_cacheblend.blend.offline import blend_prompt, chunk_kv, run_blend
 from sglang_cacheblend.config import BlendConfig
 from sglang_cacheblend.launch import cpu_dtype, has_cuda
-from sglang_cacheblend.models import ensure_model
+from sglang_cacheblend.embedded_model import ensure_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cacheblend_inputs" / "musique_dev.json"

@@ -45,7 +45,7 @@ from sglang_cacheblend.eval.dataset import (
 from sglang_cacheblend.eval.load import Client
 from sglang_cacheblend.eval.metrics import summarize
 from sglang_cacheblend.launch import ServerProcess, cpu_dtype, has_cuda
-from sglang_cacheblend.models import ensure_model
+from sglang_cacheblend.embedded_model import ensure_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -276,7 +276,7 @@ def run(args: argparse.Namespace, server_args: Sequence[str] = ()) -> dict[str, 
     from transformers import AutoTokenizer
 
     from sglang_cacheblend.launch import ServerProcess
-    from sglang_cacheblend.models import ensure_model
+    from sglang_cacheblend.embedded_model import ensure_model
 
     check_arguments(args)
     if args.url and server_args:

@@ -62,7 +62,7 @@ def load_offline_model(dtype: torch.dtype) -> OfflineModel:
 
     from sglang_cacheblend.blend.hf_llama import HFLlamaOps
     from sglang_cacheblend.chunks import sink_ids
-    from sglang_cacheblend.models import ensure_model
+    from sglang_cacheblend.embedded_model import ensure_model
 
     path = ensure_model()
     tokenizer = AutoTokenizer.from_pretrained(path)

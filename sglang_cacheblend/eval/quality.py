@@ -206,7 +206,7 @@ def run(args: argparse.Namespace, server_args: list[str], command: str) -> int:
     from transformers import AutoTokenizer
 
     from sglang_cacheblend.launch import ServerProcess
-    from sglang_cacheblend.models import ensure_model
+    from sglang_cacheblend.embedded_model import ensure_model
 
     config = QualityConfig(
         data=args.data, start=args.start, items=args.items, passages=args.passages,
