@@ -128,6 +128,10 @@ class ServerProcess:
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
+    def is_running(self) -> bool:
+        """Whether the server process is still alive (a soak counts deaths with it)."""
+        return self._proc is not None and self._proc.poll() is None
+
     @property
     def base_url(self) -> str:
         return f"http://{DEFAULT_HOST}:{self.port}"

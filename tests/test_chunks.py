@@ -229,3 +229,12 @@ def test_sink_variant_names_the_sink():
     assert sink_variant((198, 7)) == sink_variant([198, 7])
     with pytest.raises(ValueError, match="at least one token"):
         sink_variant(())
+
+
+def test_span_limits_bound_chunk_count_and_length():
+    """Review F8: thousands of one-token chunks each cost a standalone forward."""
+    assert validate_spans([(0, 4), (4, 8)], 8, min_chunk_len=4, max_chunks=2) == ((0, 4), (4, 8))
+    with pytest.raises(ValueError, match="3 chunks in one request, more than .* limit of 2"):
+        validate_spans([(0, 4), (4, 8), (8, 12)], 12, max_chunks=2)
+    with pytest.raises(ValueError, match=r"chunk span 1 \[4, 5\) has 1 tokens, fewer than .* 4"):
+        validate_spans([(0, 4), (4, 5)], 8, min_chunk_len=4)

@@ -16,15 +16,25 @@ Span = tuple[int, int]
 
 
 def validate_spans(
-    spans: Any, num_tokens: int, *, max_chunk_len: int | None = None
+    spans: Any,
+    num_tokens: int,
+    *,
+    max_chunk_len: int | None = None,
+    min_chunk_len: int = 1,
+    max_chunks: int | None = None,
 ) -> tuple[Span, ...]:
     """Check chunk spans over a prompt of ``num_tokens`` tokens and return them as int pairs.
 
     Spans must be ``[start, end)`` pairs of ints, non-empty, inside the prompt, sorted and
-    disjoint, and at most ``max_chunk_len`` long; otherwise ``ValueError`` names the span.
+    disjoint, between ``min_chunk_len`` and ``max_chunk_len`` long, and at most ``max_chunks``
+    of them (each chunk that misses costs a standalone forward in the scheduler, so a server
+    bounds both); otherwise ``ValueError`` names the span.
     """
     if not isinstance(spans, (list, tuple)):
         raise ValueError(f"chunk spans must be a list of [start, end] pairs, got {spans!r}")
+    if max_chunks is not None and len(spans) > max_chunks:
+        raise ValueError(f"{len(spans)} chunks in one request, more than this server's limit "
+                         f"of {max_chunks}")
     checked: list[Span] = []
     for i, span in enumerate(spans):
         if (
@@ -48,6 +58,10 @@ def validate_spans(
             )
         check_chunk_len(i, end - start, max_chunk_len)
         checked.append((start, end))
+    for i, (start, end) in enumerate(checked):  # after the shape checks, which say more
+        if end - start < min_chunk_len:
+            raise ValueError(f"chunk span {i} [{start}, {end}) has {end - start} tokens, fewer "
+                             f"than this server's minimum of {min_chunk_len}")
     return tuple(checked)
 
 

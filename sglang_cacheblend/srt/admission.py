@@ -6,10 +6,16 @@ and is what the model reads (``BlendRequestSource``). The life of a chunked requ
 
 1. ``touch`` (each ``match_prefix``): look its spans up, so their access times move on; no lock.
 2. ``admit`` (when SGLang admits it to prefill): lock the hits, decide the blend, allocate slots
-   for missed chunks (the model computes them standalone in the request's forward).
+   for missed chunks (the model computes them standalone in the request's forward). Never
+   over-commits the pool: SGLang's admission counted the hits as evictable, so the locks and
+   the miss slots must fit in what its budget has left, or the request falls back to a normal
+   prefill with its locks released.
 3. ``store_computed_chunk`` (from the forward): a missed chunk's KV goes into the index.
-4. ``hand_off_precompute`` (a finished precompute request): its chunk's slots go to the index.
-5. ``release`` (finish, abort, retraction): locks released, slots never computed freed.
+4. ``finish_forward`` (right after the blended forward): the chunk KV now sits in the request's
+   own slots, so the locks are released (the KV may be evicted during a long decode) and no
+   later forward of the request (decode, speculative verify) blends again.
+5. ``hand_off_precompute`` (a finished precompute request): its chunk's slots go to the index.
+6. ``release`` (finish, abort, retraction): locks released, slots never computed freed.
 
 Chunk KV is read-only: hits' slots belong to the index; a request copies (and realigns) them into
 slots of its own.
@@ -31,7 +37,7 @@ from sglang_cacheblend.srt.blend_request import BlendRequest, ChunkHit, ChunkMis
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
 
-    from radix_ext import ChunkIndex, ChunkMatch, ChunkNamespace
+    from radix_ext import ChunkIndex, ChunkMatch, ChunkNamespace, LockResult
     from sglang_cacheblend.srt.chunk_request import ChunkRequest
 
 __all__ = ["ChunkAdmission", "ChunkCache", "RequestChunks"]
@@ -81,22 +87,23 @@ class ChunkAdmission:
         """Look the request's spans past the exact prefix up; only access times change."""
         self._match(req, request, prefix_len)
 
-    def admit(self, req: Req, request: ChunkRequest, *, spare_tokens: int | None) -> None:
+    def admit(self, req: Req, request: ChunkRequest, *,
+              remaining_tokens: Callable[[], int]) -> None:
         """Lock the chunk hits of a request just admitted to prefill and decide its blend.
 
-        ``spare_tokens`` is what the scheduler's admission budget has left after this request;
-        missed chunks are computed standalone only within it. Never raises: an error leaves
-        the request to a normal prefill (the scheduler must keep serving).
+        ``remaining_tokens()`` is SGLang's live admission budget (free plus evictable, less
+        what admitted requests, this one included, will take): it drops as hits are locked and
+        miss slots allocated, and must stay >= 0. Never raises: an error leaves the request to
+        a normal prefill (the scheduler must keep serving).
         """
         try:
-            self._admit(req, request, spare_tokens)
+            self._admit(req, request, remaining_tokens)
         except Exception:
             logger.exception("request %s: chunk admission failed; prefilling it normally", req.rid)
             self.release(req.rid)
 
-    def _admit(self, req: Req, request: ChunkRequest, spare_tokens: int | None) -> None:
+    def _admit(self, req: Req, request: ChunkRequest, remaining_tokens: Callable[[], int]) -> None:
         matches = self._match(req, request, req.prefix_len)
-        self._cache.chunk_index.lock(req.rid, matches)
         state = RequestChunks(request, self._namespace(req, request), {
             "prefix_cached_tokens": int(req.prefix_len),
             "chunks": len(request.spans),
@@ -104,66 +111,87 @@ class ChunkAdmission:
             "chunk_misses": sum(not m.hit for m in matches),
         })
         self._requests[req.rid] = state
-        reason = self._plan(req, state, matches, spare_tokens)
+        # Locking also counts each span once as a hit or a miss (the index's statistics), so it
+        # happens for every admitted request; the locks go again at once if nothing will read them.
+        locked = self._cache.chunk_index.lock(req.rid, matches)
+        reason = self._why_not(req, request, matches)
+        if not reason:
+            reason = self._plan(req, state, matches, locked, remaining_tokens)
         state.report["blended"] = state.blend is not None
         if state.blend is None:
             state.report["reason"] = reason
+            self._cache.chunk_index.unlock(req.rid)  # nothing will read them
+            self._free_pending(state)
             return
         state.report["chunk_reused_tokens"] = state.blend.reused_tokens
         state.report["computed_standalone_tokens"] = sum(
             m.end - m.start for m in state.blend.misses
         )
 
-    def _plan(self, req: Req, state: RequestChunks, matches: Sequence[ChunkMatch],
-              spare_tokens: int | None) -> str:
-        """Set ``state.blend`` when enough of the prompt comes from chunks; else say why not.
-
-        Chunk tokens count whether they hit or not: a missed chunk is computed standalone first
-        (and cached for the next request), which is what makes it reusable at all.
-        """
-        config = state.request.blend
+    @staticmethod
+    def _why_not(req: Req, request: ChunkRequest, matches: Sequence[ChunkMatch]) -> str:
+        """Why the request cannot blend, before anything is locked ("" if it may)."""
+        config = request.blend
+        prompt_len = len(req.origin_input_ids)
         if config is None:
             return "the request does not blend"
+        if getattr(req, "output_ids", None):
+            return "a re-prefill after retraction is prefilled in full"
+        extend_end = getattr(req, "extend_end", None)
+        if extend_end is not None and extend_end < prompt_len:
+            return "chunked prefill splits the prompt: prefilled in full"
         if not matches:
             return "no chunk outside the cached prefix"
         chunk_tokens = sum(m.end - m.start for m in matches)
         if chunk_tokens < config.min_reused_tokens:
             return (f"{chunk_tokens} chunk tokens outside the cached prefix, below "
                     f"min_reused_tokens={config.min_reused_tokens}")
-        hits = tuple(ChunkHit(m.start, m.end, m.kv_loc, m.positions) for m in matches if m.hit)
-        misses = self._allocate_misses(req, state, [m for m in matches if not m.hit],
-                                       spare_tokens)
+        return ""
+
+    def _plan(self, req: Req, state: RequestChunks, matches: Sequence[ChunkMatch],
+              locked: LockResult, remaining_tokens: Callable[[], int]) -> str:
+        """With the hits locked: allocate miss slots and set ``state.blend``; else say why not.
+
+        Chunk tokens count whether they hit or not: a missed chunk is computed standalone first
+        (and cached for the next request), which is what makes it reusable at all.
+        """
+        stale = set(locked.stale)  # evicted since the lookup: treat as misses
+        if remaining_tokens() < 0:
+            return (f"not enough KV memory to hold its {locked.newly_locked_len} chunk-hit tokens "
+                    "beside its own prefill: prefilled in full")
+        hits = tuple(ChunkHit(m.start, m.end, m.kv_loc, m.positions)
+                     for i, m in enumerate(matches) if m.hit and i not in stale)
+        missed = [m for i, m in enumerate(matches) if not m.hit or i in stale]
+        misses = self._allocate_misses(req, state, missed, remaining_tokens)
         if not hits and not misses:
             return "no free KV slots to compute the missed chunks standalone"
-        state.blend = BlendRequest(hits, config, misses=misses,
+        state.blend = BlendRequest(hits, state.request.blend, misses=misses,
                                    prompt_len=len(req.origin_input_ids))
         return ""
 
     def _allocate_misses(self, req: Req, state: RequestChunks, misses: Sequence[ChunkMatch],
-                         spare_tokens: int | None) -> tuple[ChunkMiss, ...]:
+                         remaining_tokens: Callable[[], int]) -> tuple[ChunkMiss, ...]:
         """Slots (sink + chunk) for each missed chunk, as far as the admission budget allows.
 
-        The budget reads the allocator live, so requests admitted after this one see these
-        slots as taken. A chunk that does not fit is recomputed in place as an ordinary
-        uncached span (the blend stays correct, the chunk is just not cached).
+        The budget is live, so requests admitted after this one see these slots as taken. A
+        chunk that does not fit is recomputed in place as an ordinary uncached span (the blend
+        stays correct, the chunk is just not cached).
         """
         cache = self._cache
-        if not misses or cache.page_size != 1:
+        if not misses:
             return ()
         sink = state.request.sink
         allocator = cache.token_to_kv_pool_allocator
-        spare = allocator.available_size() if spare_tokens is None else spare_tokens
         out = []
         for match in misses:
             need = len(sink) + match.end - match.start
-            if need > spare:
+            if need > remaining_tokens():
                 break
             if allocator.available_size() < need:
                 cache.evict(EvictParams(num_tokens=need - allocator.available_size()))
             slots = allocator.alloc(need)
             if slots is None:
                 break
-            spare -= need
             miss = ChunkMiss(
                 match.start, match.end,
                 torch.tensor(req.origin_input_ids[match.start:match.end], dtype=torch.int64),
@@ -201,6 +229,19 @@ class ChunkAdmission:
         )
         if result.redundant_loc is not None:
             allocator.free_segment(result.redundant_loc, start_pos=0)
+
+    def finish_forward(self, rid: Hashable, *, blended: bool, reason: str = "") -> None:
+        """After the request's extend forward: drop its blend (no later forward of it blends),
+        release its chunk locks (its own slots hold the KV now), free miss slots the forward
+        did not fill, and correct the report when the forward did not blend after all."""
+        state = self._requests.get(rid)
+        if state is None or state.blend is None:
+            return
+        state.blend = None
+        self._free_pending(state)
+        self._cache.chunk_index.unlock(rid)
+        if not blended:
+            state.report.update(blended=False, reason=reason)
 
     # ------------------------------------------------------------------ precompute and release
 
@@ -246,11 +287,16 @@ class ChunkAdmission:
         """Forget a request: free the slots of its misses that never reached the index and
         unlock every chunk it holds. Idempotent; called on finish, abort and retraction."""
         state = self._requests.pop(rid, None)
+        if state is not None:
+            self._free_pending(state)
+        self._cache.chunk_index.unlock(rid)
+
+    def _free_pending(self, state: RequestChunks) -> None:
         allocator = self._cache.token_to_kv_pool_allocator
-        for miss in () if state is None else state.pending.values():
+        for miss in state.pending.values():
             allocator.free_segment(miss.sink_loc, start_pos=0)
             allocator.free_segment(miss.kv_loc, start_pos=0)
-        self._cache.chunk_index.unlock(rid)
+        state.pending.clear()
 
     def reset(self) -> None:
         """Drop every request's state; their slots go back with ``allocator.clear()``."""

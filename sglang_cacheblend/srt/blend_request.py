@@ -97,3 +97,6 @@ class BlendRequestSource(Protocol):
 
     def store_computed_chunk(self, rid: str, miss: ChunkMiss) -> None:
         """Hand a missed chunk's standalone KV, now computed, to the chunk index."""
+
+    def finish_forward(self, rid: str, *, blended: bool, reason: str = "") -> None:
+        """The request's extend ran (blended, or not and why): its chunk locks may go."""

@@ -10,7 +10,11 @@ SGLang's stock forward unchanged; an extend batch holding a blended request runs
    to the chunk's place in this prompt (:meth:`PoolKVStore.seed_chunks`);
 3. :func:`sglang_cacheblend.blend.forward.blend_layers` on SGLang's own modules and KV pool;
 
-then SGLang's logits processor, so sampling and decode are untouched. Each chunked request's
+then SGLang's logits processor, so sampling and decode are untouched. Right after, the cache's
+admission is told (``finish_forward``): the chunk locks are released, since the request's own
+slots now hold the KV, and no later forward of the request blends again. A blend that raises
+is logged and that request is prefilled in full in the same forward (reported as not
+blended): no request's error reaches the scheduler loop. Each chunked request's
 accounting (the cache's decision plus rows recomputed and time) rides back in
 ``LogitsProcessorOutput.customized_info``, which SGLang returns as ``meta_info["cacheblend"]``.
 """
@@ -22,6 +26,7 @@ import time
 from typing import Any
 
 import torch
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.model_executor.forward_context import get_req_to_token_pool, get_token_to_kv_pool
 
 from sglang_cacheblend.blend.forward import blend_layers
@@ -33,11 +38,14 @@ from sglang_cacheblend.srt.sglang_decoder import SGLangDecoderOps
 
 logger = logging.getLogger(__name__)
 
+_BLENDABLE_MODES = (ForwardMode.EXTEND, ForwardMode.MIXED)
+
 META_INFO_KEY = "cacheblend"
 """``meta_info`` key of a chunked request's accounting (a one-element list, SGLang's format)."""
 
 # A request without chunk KV in a blended batch: every row at every layer (a full prefill).
-_FULL = BlendConfig(recompute_ratio=1.0)
+# Check layer 0, so it runs on a one-layer model too.
+_FULL = BlendConfig(recompute_ratio=1.0, check_layer=0)
 
 
 class BlendedExtendMixin:
@@ -57,18 +65,25 @@ class BlendedExtendMixin:
     def forward(self, input_ids, positions, forward_batch, input_embeds=None,
                 get_embedding=False, pp_proxy_tensors=None):
         source = self._blend_source
-        if source is None or not forward_batch.forward_mode.is_extend():
+        # Only prompt extends blend: decode, speculative verify and draft forwards run stock.
+        if source is None or forward_batch.forward_mode not in _BLENDABLE_MODES:
             return super().forward(input_ids, positions, forward_batch, input_embeds,
                                    get_embedding, pp_proxy_tensors)
         rids = list(forward_batch.rids)
         requests = [source.blend_request(rid) for rid in rids]
+        outcomes: dict[str, str] = {}
         if any(requests) and input_embeds is None and not get_embedding:
-            hidden, stats = self._blended_extend(input_ids, positions, forward_batch, requests)
+            hidden, stats, outcomes = self._blended_extend(input_ids, positions, forward_batch,
+                                                           requests)
             output = self.logits_processor(input_ids, hidden, self.lm_head, forward_batch)
         else:
             output = super().forward(input_ids, positions, forward_batch, input_embeds,
                                      get_embedding, pp_proxy_tensors)
             stats = {}
+        for rid, request in zip(rids, requests):
+            if request is not None:
+                reason = outcomes.get(rid, "the batch took SGLang's own forward (embeddings)")
+                source.finish_forward(rid, blended=not reason, reason=reason)
         self._report(output, rids, stats)
         return output
 
@@ -87,35 +102,48 @@ class BlendedExtendMixin:
     def _blended_extend(
         self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: Any,
         requests: list[BlendRequest | None],
-    ) -> tuple[torch.Tensor, dict[str, dict[str, Any]]]:
-        """Prefill each request of the batch in turn; final-normed hidden states and stats."""
+    ) -> tuple[torch.Tensor, dict[str, dict[str, Any]], dict[str, str]]:
+        """Prefill each request of the batch in turn.
+
+        Returns the final-normed hidden states, per-request stats, and per blended request why
+        it was not blended after all ("" when it was). A blend that raises is logged and that
+        request is prefilled in full instead: one request's error never reaches the scheduler.
+        """
         ops = self._blend_ops
         pool = get_token_to_kv_pool()
         req_to_token = get_req_to_token_pool().req_to_token
         hidden = ops.embed(input_ids)
         stats: dict[str, dict[str, Any]] = {}
+        outcomes: dict[str, str] = {}
         offset = 0
         for i, request in enumerate(requests):
+            rid = forward_batch.rids[i]
             prefix_len = forward_batch.extend_prefix_lens_cpu[i]
             extend_len = forward_batch.extend_seq_lens_cpu[i]
             if request is not None and request.prompt_len not in (None, prefix_len + extend_len):
-                request = None  # a chunked prefill split the prompt: prefill it normally
+                outcomes[rid] = "the extend does not end at the prompt's end: prefilled in full"
+                request = None
             row = int(forward_batch.req_pool_indices_cpu[i])
             slots = req_to_token[row, : prefix_len + extend_len].to(torch.int64)
             store = PoolKVStore(pool, ops, slots, prefix_len)
-            started = time.perf_counter()
-            hits = [] if request is None else [*request.hits, *self._compute_misses(request)]
-            standalone_s = time.perf_counter() - started
-            reuse_mask = store.seed_chunks(hits, self._blend_rotary)
-            for miss in () if request is None else request.misses:
-                # Copied into this request's slots: the index may now own (or free) them.
-                self._blend_source.store_computed_chunk(forward_batch.rids[i], miss)
-            reuse_mask[-1] = False  # the last row's logits feed sampling: always computed
-            config = request.config if request is not None and bool(reuse_mask.any()) else _FULL
             span = slice(offset, offset + extend_len)
-            plan = blend_layers(ops, hidden[span], positions[span], reuse_mask, store, config)
-            stats[forward_batch.rids[i]] = {
-                "reused_tokens": int(reuse_mask.sum()),
+            started = time.perf_counter()
+            if request is not None:
+                try:
+                    plan, standalone_s = self._blend_one(rid, request, hidden[span],
+                                                         positions[span], store)
+                    outcomes[rid] = ""
+                except Exception as exc:  # noqa: BLE001 - never into the scheduler loop
+                    logger.exception("request %s: blended prefill failed; prefilling in full", rid)
+                    outcomes[rid] = f"blended prefill failed ({type(exc).__name__}): prefilled in full"
+                    request = None
+                    hidden[span] = ops.embed(input_ids[span])
+            if request is None:
+                standalone_s = 0.0
+                plan = blend_layers(ops, hidden[span], positions[span],
+                                    torch.zeros(extend_len, dtype=torch.bool), store, _FULL)
+            stats[rid] = {
+                "reused_tokens": plan.num_reused,
                 "recomputed_rows": plan.recomputed_rows,
                 "full_rows": plan.full_rows,
                 "standalone_time_s": round(standalone_s, 6),
@@ -123,7 +151,22 @@ class BlendedExtendMixin:
             }
             offset += extend_len
         self.last_blend_stats = stats
-        return self.model.norm(hidden), stats
+        return self.model.norm(hidden), stats, outcomes
+
+    def _blend_one(self, rid: str, request: BlendRequest, hidden: torch.Tensor,
+                   positions: torch.Tensor, store: PoolKVStore) -> tuple[Any, float]:
+        """Misses computed standalone, every chunk's KV seeded, the blended layers run."""
+        started = time.perf_counter()
+        hits = [*request.hits, *self._compute_misses(request)]
+        standalone_s = time.perf_counter() - started
+        reuse_mask = store.seed_chunks(hits, self._blend_rotary)
+        for miss in request.misses:
+            # Copied into this request's slots: the index may now own (or free) them.
+            self._blend_source.store_computed_chunk(rid, miss)
+        reuse_mask[-1] = False  # the last row's logits feed sampling: always computed
+        config = request.config if bool(reuse_mask.any()) else _FULL
+        return blend_layers(self._blend_ops, hidden, positions, reuse_mask, store, config), \
+            standalone_s
 
     def _compute_misses(self, request: BlendRequest) -> list[ChunkHit]:
         """Compute each missed chunk standalone (sink first) into its fresh slots.

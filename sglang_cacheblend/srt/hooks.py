@@ -57,7 +57,9 @@ def _admit_request_chunks(result: Any, adder: Any, req: Any, *args: Any, **kwarg
     if server_options.current_options().enabled:
         admit = getattr(adder.tree_cache, "admit_chunks", None)
         if admit is not None:
-            admit(req, spare_tokens=int(adder.rem_total_tokens))
+            # Live: SGLang's budget reads the allocator and the evictable size, so it already
+            # counts this request's reservation and sees every lock and slot admission takes.
+            admit(req, remaining_tokens=lambda: int(adder.rem_total_tokens))
     return result
 
 

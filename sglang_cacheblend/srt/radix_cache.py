@@ -51,7 +51,7 @@ import heapq
 import json
 import logging
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING
 
 import torch
@@ -68,6 +68,7 @@ from sglang_cacheblend.srt.admission import ChunkAdmission
 from sglang_cacheblend.srt.blend_settings import check_fits_model
 from sglang_cacheblend.srt.chunk_request import chunk_request_of
 from sglang_cacheblend.srt.server_options import current_options
+from sglang_cacheblend.srt.supported_setups import refuse_unsupported_setups
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
@@ -138,13 +139,13 @@ class CacheBlendRadixCache(RadixCache):
         """Hits, misses, inserts, evictions and sizes of the chunk index (tokens)."""
         return self.chunk_index.stats()
 
-    def admit_chunks(self, req: Req, *, spare_tokens: int | None = None) -> None:
+    def admit_chunks(self, req: Req, *, remaining_tokens: Callable[[], int]) -> None:
         """Called when SGLang admits ``req`` to prefill: its chunks' admission (see
         :meth:`.admission.ChunkAdmission.admit`)."""
         request = chunk_request_of(req)
         if request is None or request.precompute or self.disable:
             return
-        self.admission.admit(req, request, spare_tokens=spare_tokens)
+        self.admission.admit(req, request, remaining_tokens=remaining_tokens)
 
     # ------------------------------------------------------------------ SGLang overrides
 
@@ -287,6 +288,8 @@ def create_cacheblend_cache(ctx: TreeCacheBuildContext) -> CacheBlendRadixCache:
         raise ValueError("--radix-cache-backend cacheblend is selected by --enable-cacheblend; "
                          "pass that flag instead")
     verify_hooks_applied()
+    if ctx.server_args is not None:
+        refuse_unsupported_setups(vars(ctx.server_args))
     if ctx.is_hybrid_swa or ctx.is_hybrid_ssm:
         raise ValueError("--radix-cache-backend cacheblend supports full-attention models only")
     if ctx.enable_hierarchical_cache:

@@ -18,6 +18,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from sglang_cacheblend.config import BlendConfig
+from sglang_cacheblend.srt.supported_setups import refuse_unsupported_setups
 
 ENV_VAR = "SGLANG_CACHEBLEND_OPTIONS"
 ENABLE_FLAG = "--enable-cacheblend"
@@ -33,13 +34,24 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServerOptions:
-    """CacheBlend settings chosen at server launch: on/off plus a validated ``BlendConfig``."""
+    """CacheBlend settings chosen at server launch: on/off, a validated ``BlendConfig``, and
+    the per-request chunk limits (each missed chunk costs a standalone forward in the
+    scheduler, so a request may not mark thousands of tiny ones)."""
 
     enabled: bool = False
     blend: BlendConfig = field(default_factory=BlendConfig)
+    max_chunks: int = 256
+    min_chunk_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("max_chunks", "min_chunk_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ServerOptions.{name} must be an int >= 1, got {value!r}")
 
     def to_env(self) -> str:
-        return json.dumps({"enabled": self.enabled, "blend": asdict(self.blend)}, sort_keys=True)
+        values = asdict(self)
+        return json.dumps(values, sort_keys=True)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "ServerOptions":
@@ -48,9 +60,9 @@ class ServerOptions:
             return cls()
         try:
             values = json.loads(raw)
-            blend = dict(values["blend"])
+            blend = dict(values.pop("blend"))
             blend["gradual"] = tuple(tuple(step) for step in blend.get("gradual", ()))
-            return cls(enabled=bool(values["enabled"]), blend=BlendConfig(**blend))
+            return cls(blend=BlendConfig(**blend), **values)
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{ENV_VAR} is malformed: {exc}") from exc
 
@@ -95,6 +107,12 @@ _FLAGS: tuple[tuple[str, str, dict], ...] = (
     ("--cacheblend-min-reused-tokens", "cacheblend_min_reused_tokens",
      dict(type=int, default=_DEFAULTS.min_reused_tokens,
           help="Below this many reusable tokens a request is prefilled in full.")),
+    ("--cacheblend-max-chunks", "cacheblend_max_chunks",
+     dict(type=int, default=ServerOptions.max_chunks,
+          help="Most chunks one request may mark (more: HTTP 400).")),
+    ("--cacheblend-min-chunk-tokens", "cacheblend_min_chunk_tokens",
+     dict(type=int, default=ServerOptions.min_chunk_tokens,
+          help="Fewest tokens a chunk may have (fewer: HTTP 400).")),
 )
 
 
@@ -135,7 +153,17 @@ def pop_from_namespace(args: argparse.Namespace) -> ServerOptions:
         flag = next((f for f, dest, _ in _FLAGS if dest.removeprefix("cacheblend_") in str(exc)),
                     "--cacheblend-*")
         raise ValueError(f"{flag}: {exc}") from exc
-    return ServerOptions(enabled=values.get("cacheblend_enabled", False), blend=blend)
+    try:
+        return ServerOptions(
+            enabled=values.get("cacheblend_enabled", False), blend=blend,
+            max_chunks=values.get("cacheblend_max_chunks", ServerOptions.max_chunks),
+            min_chunk_tokens=values.get("cacheblend_min_chunk_tokens",
+                                        ServerOptions.min_chunk_tokens),
+        )
+    except ValueError as exc:
+        flag = "--cacheblend-max-chunks" if "max_chunks" in str(exc) else (
+            "--cacheblend-min-chunk-tokens")
+        raise ValueError(f"{flag}: {exc}") from exc
 
 
 def apply_to_server_args(args: argparse.Namespace) -> ServerOptions:
@@ -150,6 +178,7 @@ def apply_to_server_args(args: argparse.Namespace) -> ServerOptions:
     if not opts.enabled:
         os.environ.pop(ENV_VAR, None)
         return opts
+    refuse_unsupported_setups(vars(args))
     backend = getattr(args, "radix_cache_backend", None)
     if backend not in (None, RADIX_BACKEND_NAME):
         raise ValueError(

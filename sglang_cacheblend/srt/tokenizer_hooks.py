@@ -93,7 +93,9 @@ async def tokenize_with_chunks(original: Callable[..., Any], manager: Any, obj: 
     if decided is not None:
         # SGLang may have truncated input_ids (--allow-auto-truncate): check the final ids.
         spans = validate_spans(decided.spans, len(tokenized.input_ids),
-                               max_chunk_len=manager.context_len)
+                               max_chunk_len=manager.context_len,
+                               min_chunk_len=options.min_chunk_tokens,
+                               max_chunks=options.max_chunks)
         request = ChunkRequest(decided.precompute, spans, decided.sink, decided.blend)
         tokenized.kv_hints = envelope_with(decided.envelope, request, obj.rid)
     return tokenized

@@ -47,3 +47,42 @@ def test_bad_values_name_the_flag(argv, flag):
 def test_malformed_env_is_an_error():
     with pytest.raises(ValueError, match=options.ENV_VAR):
         options.ServerOptions.from_env({options.ENV_VAR: "{not json"})
+
+
+def _sglang_parse(argv: list[str]) -> argparse.Namespace:
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    options.add_cli_args(parser)
+    return parser.parse_args(["--model-path", "m", *argv])
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--speculative-algorithm", "EAGLE"], "--speculative-algorithm"),
+    (["--tp-size", "2"], "--tp-size"),
+    (["--pp-size", "2"], "--pp-size"),
+    (["--enable-dp-attention", "--dp-size", "2"], "--enable-dp-attention"),
+    (["--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype"),
+    (["--enable-lora"], "--enable-lora"),
+    (["--page-size", "16"], "--page-size"),
+    (["--disable-radix-cache"], "--disable-radix-cache"),
+])
+def test_unsupported_setups_are_refused_at_launch_naming_the_flag(argv, flag, monkeypatch):
+    """Review F3-F5, F14: these ran and failed later, in the scheduler."""
+    pytest.importorskip("sglang")
+    monkeypatch.delenv(options.ENV_VAR, raising=False)
+    args = _sglang_parse(["--enable-cacheblend", *argv])
+    with pytest.raises(ValueError, match=f"cannot be combined with: .*{flag}"):
+        options.apply_to_server_args(args)
+    plain = _sglang_parse(argv)  # without --enable-cacheblend nothing is refused
+    assert options.apply_to_server_args(plain).enabled is False
+
+
+def test_chunk_limits_are_flags_and_validated():
+    opts = options.pop_from_namespace(_parse(["--cacheblend-max-chunks", "8",
+                                              "--cacheblend-min-chunk-tokens", "4"]))
+    assert (opts.max_chunks, opts.min_chunk_tokens) == (8, 4)
+    assert options.ServerOptions.from_env({options.ENV_VAR: opts.to_env()}) == opts
+    with pytest.raises(ValueError, match="--cacheblend-min-chunk-tokens"):
+        options.pop_from_namespace(_parse(["--cacheblend-min-chunk-tokens", "0"]))

@@ -1,0 +1,262 @@
+"""``sglang-cacheblend soak``: a bounded soak of one blended server, on a pool that evicts all
+the time.
+
+Concurrent clients send RAG requests over real passages (musique_dev) that share, reorder,
+miss and repeat chunks; some are aborted mid-request (``/abort_request``) and some clients hang
+up before the answer (a read timeout). Everything is loopback only and bounded twice: a request
+count and a wall-clock budget, whichever comes first.
+
+What it checks:
+
+* the server never dies (``/health`` after every phase, the process still running);
+* every completed greedy answer equals the same request served alone after ``/flush_cache``
+  (the caches empty, as on a fresh server with the same settings);
+* nothing leaks: once idle, no slot is protected and no chunk locked, and after
+  ``/flush_cache`` every slot of the pool is free again.
+
+It reports requests served, aborted, disconnected, errors, mismatches and chunk evictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from sglang_cacheblend.eval.dataset import DEFAULT_DATA_PATH, load_items, rag_prompt
+
+__all__ = ["SoakConfig", "SoakReport", "add_arguments", "run", "run_soak"]
+
+
+@dataclass(frozen=True)
+class SoakConfig:
+    """How hard and how long to push (bounded in requests and in seconds)."""
+
+    requests: int = 60
+    duration_s: float = 600.0
+    clients: int = 4
+    prompts: int = 12  # distinct prompts (so requests repeat)
+    passages: int = 3  # chunks per prompt, drawn from a shared corpus (so chunks are shared)
+    corpus_items: int = 6  # musique items whose passages form the corpus
+    abort_share: float = 0.15
+    disconnect_share: float = 0.1
+    max_new_tokens: int = 8
+    seed: int = 0
+    data: Path = DEFAULT_DATA_PATH
+
+
+@dataclass
+class SoakReport:
+    """What a soak run saw; ``ok`` when nothing died, mismatched or leaked."""
+
+    config: dict[str, Any]
+    sent: int = 0
+    served: int = 0
+    aborted: int = 0
+    disconnected: int = 0
+    errors: list[str] = field(default_factory=list)
+    mismatches: list[str] = field(default_factory=list)
+    blended: int = 0
+    chunk_evictions: int = 0
+    server_deaths: int = 0
+    leaks: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.errors or self.mismatches or self.server_deaths or self.leaks)
+
+
+def _prompts(config: SoakConfig) -> list[str]:
+    """Distinct marked prompts: a few passages each, from one shared corpus, in random order."""
+    rng = random.Random(config.seed)
+    items = load_items(config.data)[: config.corpus_items]
+    corpus = [p for item in items for p in item.passages[:4]]
+    prompts = []
+    for _ in range(config.prompts):
+        item = rng.choice(items)
+        passages = rng.sample(corpus, config.passages)
+        prompts.append(rag_prompt(passages, item.question).marked_text())
+    return prompts
+
+
+class _Server:
+    def __init__(self, base_url: str, timeout_s: float = 300.0) -> None:
+        self.base_url, self.timeout_s = base_url.rstrip("/"), timeout_s
+
+    def generate(self, text: str, max_new_tokens: int, *, rid: str | None = None,
+                 read_timeout: float | None = None) -> dict[str, Any]:
+        body = {"text": text, "rid": rid or uuid.uuid4().hex,
+                "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens}}
+        response = requests.post(self.base_url + "/generate", json=body,
+                                 timeout=(10, read_timeout or self.timeout_s))
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
+        return response.json()
+
+    def abort(self, rid: str) -> None:
+        requests.post(self.base_url + "/abort_request", json={"rid": rid}, timeout=30)
+
+    def state(self) -> dict[str, Any]:
+        info = requests.get(self.base_url + "/server_info", timeout=60).json()
+        return info["internal_states"][0]["cacheblend"]
+
+    def alive(self) -> bool:
+        try:
+            return requests.get(self.base_url + "/health", timeout=30).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def flush(self) -> None:
+        requests.post(self.base_url + "/flush_cache", timeout=60).raise_for_status()
+
+
+def _one(server: _Server, text: str, kind: str, config: SoakConfig,
+         rng: random.Random) -> tuple[str, dict[str, Any] | None]:
+    """Send one request as ``kind`` (complete, abort, disconnect); (outcome, response)."""
+    rid = uuid.uuid4().hex
+    if kind == "disconnect":
+        try:
+            server.generate(text, 64, rid=rid, read_timeout=rng.uniform(0.05, 0.5))
+        except requests.Timeout:
+            return "disconnected", None
+        return "served_late", None
+    if kind == "abort":
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            running = pool.submit(server.generate, text, 64, rid=rid)
+            time.sleep(rng.uniform(0.05, 0.6))
+            server.abort(rid)
+            reply = running.result()
+        finished = reply["meta_info"].get("finish_reason") or {}
+        return ("aborted" if finished.get("type") == "abort" else "served_late"), None
+    return "served", server.generate(text, config.max_new_tokens, rid=rid)
+
+
+def run_soak(base_url: str, config: SoakConfig) -> SoakReport:
+    """Soak a running ``--enable-cacheblend`` server at ``base_url`` (see module docstring)."""
+    server = _Server(base_url)
+    report = SoakReport(config={**asdict(config), "data": str(config.data)})
+    prompts = _prompts(config)
+    rng = random.Random(config.seed + 1)
+    plan = []
+    for _ in range(config.requests):
+        draw = rng.random()
+        kind = ("abort" if draw < config.abort_share else
+                "disconnect" if draw < config.abort_share + config.disconnect_share else
+                "complete")
+        plan.append((rng.randrange(len(prompts)), kind, random.Random(rng.random())))
+    evictions_before = server.state()["chunk_index"]["evictions"]
+    started = time.monotonic()
+    answers: dict[int, list[int]] = {}
+    lock = threading.Lock()
+
+    def worker(step: tuple[int, str, random.Random]) -> None:
+        index, kind, step_rng = step
+        if time.monotonic() - started > config.duration_s:
+            return
+        try:
+            outcome, reply = _one(server, prompts[index], kind, config, step_rng)
+        except Exception as exc:  # noqa: BLE001 - every failure is counted, none stops the run
+            outcome, reply = f"error: {kind} prompt {index}: {exc}", None
+        with lock:
+            _count(report, answers, index, outcome, reply)
+
+    with ThreadPoolExecutor(max_workers=config.clients) as pool:
+        list(pool.map(worker, plan))
+    report.server_deaths += not server.alive()
+    report.leaks += _leaks_when_idle(server)
+    report.chunk_evictions = server.state()["chunk_index"]["evictions"] - evictions_before
+    for index, output_ids in sorted(answers.items()):  # each alone, on empty caches
+        server.flush()
+        alone = server.generate(prompts[index], config.max_new_tokens)["output_ids"]
+        if alone != output_ids:
+            report.mismatches.append(f"prompt {index}: under load {output_ids} != alone {alone}")
+    server.flush()
+    state = server.state()
+    if state["token_pool"]["available"] != state["token_pool"]["total"]:
+        report.leaks.append(f"after /flush_cache {state['token_pool']} (not every slot free)")
+    report.server_deaths += not server.alive()
+    report.wall_s = round(time.monotonic() - started, 1)
+    return report
+
+
+def _count(report: SoakReport, answers: dict[int, list[int]], index: int, outcome: str,
+           reply: dict[str, Any] | None) -> None:
+    report.sent += 1
+    if outcome.startswith("error: "):
+        report.errors.append(outcome.removeprefix("error: "))
+    elif outcome == "aborted":
+            report.aborted += 1
+    elif outcome == "disconnected":
+        report.disconnected += 1
+    else:  # served (compared with its repeats and with the request alone), or served late
+        report.served += 1
+        if reply is not None:
+            reports = reply["meta_info"].get("cacheblend") or [{}]
+            report.blended += bool(reports[0].get("blended"))
+            answers.setdefault(index, reply["output_ids"])
+            if answers[index] != reply["output_ids"]:
+                report.mismatches.append(f"prompt {index}: a repeat answered differently")
+
+
+def _leaks_when_idle(server: _Server, wait_s: float = 60.0) -> list[str]:
+    """Once no request runs: nothing protected, nothing locked, the pool's sum intact."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        state = server.state()
+        pool, index = state["token_pool"], state["chunk_index"]
+        problems = []
+        if pool["available"] + pool["evictable"] + pool["protected"] != pool["total"]:
+            problems.append(f"pool sum broken: {pool}")
+        if pool["protected"] or index["locked_size"]:
+            problems.append(f"held while idle: protected {pool['protected']}, "
+                            f"locked {index['locked_size']}")
+        if not problems or time.monotonic() > deadline:
+            return problems
+        time.sleep(1.0)  # aborted requests may still be on their way out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``soak`` flags; defaults finish in a few minutes on a 2-core CPU."""
+    defaults = SoakConfig()
+    add = parser.add_argument
+    add("--url", default=None, help="a running --enable-cacheblend server (else one is started)")
+    add("--port", type=int, default=30951, help="port of the server started here")
+    add("--pool-tokens", type=int, default=6000,
+        help="--max-total-tokens of the server started here (small: it evicts all the time)")
+    add("--requests", type=int, default=defaults.requests, help="request bound")
+    add("--duration", type=float, default=defaults.duration_s, help="time bound in seconds")
+    add("--clients", type=int, default=defaults.clients, help="concurrent clients")
+    add("--prompts", type=int, default=defaults.prompts, help="distinct prompts")
+    add("--passages", type=int, default=defaults.passages, help="chunks per prompt")
+    add("--seed", type=int, default=defaults.seed)
+    add("--data", type=Path, default=defaults.data, help="musique_dev-format JSON")
+    add("--out", type=Path, default=Path("docs/results/soak.json"), help="report file")
+
+
+def run(args: argparse.Namespace, server_args: list[str]) -> SoakReport:
+    """Start a small-pool server (unless ``--url``), soak it, write ``--out``."""
+    from sglang_cacheblend.launch import ServerProcess
+
+    config = SoakConfig(requests=args.requests, duration_s=args.duration, clients=args.clients,
+                        prompts=args.prompts, passages=args.passages, seed=args.seed,
+                        data=args.data)
+    if args.url:
+        report = run_soak(args.url, config)
+    else:
+        flags = ["--enable-cacheblend", "--max-total-tokens", str(args.pool_tokens), *server_args]
+        with ServerProcess(args=flags, port=args.port) as server:
+            report = run_soak(server.base_url, config)
+            report.server_deaths += not server.is_running()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({**asdict(report), "ok": report.ok}, indent=2) + "\n")
+    return report
