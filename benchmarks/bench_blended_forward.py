@@ -119,10 +119,12 @@ def main() -> None:
         json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
         "# Blended prefill vs dense prefill (plain torch, SmolLM2-135M, CPU)", "",
-        f"Command: `python benchmarks/bench_blended_forward.py --passages {args.passages} "
+        f"Command: `python benchmarks/bench_blended_forward.py --data {args.data} "
+        f"--passages {args.passages} "
         f"--reps {args.reps} --dtype {args.dtype}`  ",
-        f"Prompt: {n} tokens (instruction + {args.passages} musique_dev passages of item "
-        f"{args.item} + question); {args.dtype}; {args.threads} threads; commit {commit}; load average "
+        f"Prompt: {n} tokens (instruction + {args.passages} passages of item {args.item} of "
+        f"`{args.data}` + question); {args.dtype}; {args.threads} threads; commit {commit}; "
+        f"load average "
         f"{meta['load_avg']}.", "",
         "| mode | min s | median s | max s | speedup vs dense (median) |", "|---|---|---|---|---|",
     ]

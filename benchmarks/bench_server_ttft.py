@@ -137,11 +137,13 @@ def main() -> None:
     (args.out / "server_ttft.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
         "# TTFT through SGLang: full prefill, prefix cache, CacheBlend (CPU)", "",
-        f"Command: `python benchmarks/bench_server_ttft.py --passages {args.passages} "
+        f"Command: `python benchmarks/bench_server_ttft.py --data {args.data} "
+        f"--passages {args.passages} "
         f"--reps {args.reps}" + (f" --selectors {' '.join(args.selectors)}" if args.selectors
                                  else "") + "`  ",
-        f"Prompt: {tokens} tokens (instruction + {args.passages} musique_dev passages of item "
-        f"{args.item} + question); SmolLM2-135M {dtype}; one server; commit {commit}; load average "
+        f"Prompt: {tokens} tokens (instruction + {args.passages} passages of item {args.item} of "
+        f"`{args.data}` + question); SmolLM2-135M {dtype}; one server; commit {commit}; "
+        f"load average "
         f"{meta['load_avg']}.", "",
         "| mode | min s | median s | max s | speedup vs full | vs prefix cache, reordered | "
         "vs dense SDPA |",

@@ -114,9 +114,11 @@ def main() -> None:
     blend_name = f"blend@{args.ratio:g}"
     lines = [
         f"# Where the time goes: dense prefill vs blend@{args.ratio:g} (plain torch, CPU)", "",
-        f"Command: `python benchmarks/profile_blended_forward.py --passages {args.passages} "
+        f"Command: `python benchmarks/profile_blended_forward.py --data {args.data} "
+        f"--passages {args.passages} "
         f"--ratio {args.ratio} --dtype {args.dtype}`  ",
-        f"Prompt: {n} tokens, SmolLM2-135M {args.dtype}, {args.threads} threads, load average "
+        f"Prompt: {n} tokens from `{args.data}` item {args.item}, SmolLM2-135M {args.dtype}, "
+        f"{args.threads} threads, load average "
         f"{payload['load_avg']}. Self CPU seconds per operator group (torch.profiler); wall "
         "time of the profiled call in the last row.", "",
         "| operator group | dense SDPA | " + blend_name + " | realignment of all chunk keys |",

@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sglang_cacheblend import demo as demo_cmd
 from sglang_cacheblend.eval import bench as bench_cmd
 from sglang_cacheblend.eval import quality as quality_cmd
 from sglang_cacheblend.eval import soak as soak_cmd
@@ -41,12 +42,13 @@ def _cmd_serve(args: argparse.Namespace, sglang_args: list[str]) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, sglang_args: list[str]) -> int:
-    from sglang_cacheblend.demo import run_demo
     from sglang_cacheblend.embedded_model import ensure_model
 
-    model_path = ensure_model(args.cache_dir)
+    model_path = args.model_path or ensure_model(args.cache_dir)
     log_path = Path(tempfile.gettempdir()) / "sglang-cacheblend-demo-server.log"
-    run_demo(model_path, port=args.port, extra_args=sglang_args, log_path=log_path)
+    demo_cmd.run_demo(model_path, port=args.port, extra_args=sglang_args,
+                      passages_file=args.passages, question=args.question,
+                      keep_server=args.keep_server, log_path=log_path)
     return 0
 
 
@@ -63,11 +65,12 @@ def _cmd_bench(args: argparse.Namespace, sglang_args: list[str]) -> int:
 
 def _cmd_soak(args: argparse.Namespace, sglang_args: list[str]) -> int:
     report = soak_cmd.run(args, sglang_args)
-    print(f"soak: sent {report.sent}, served {report.served} ({report.blended} blended), "
-          f"aborted {report.aborted}, disconnected {report.disconnected}, errors "
-          f"{len(report.errors)}, mismatches {len(report.mismatches)}, chunk evictions "
-          f"{report.chunk_evictions}, server deaths {report.server_deaths}, leaks "
-          f"{len(report.leaks)} in {report.wall_s} s -> {args.out}")
+    print(f"soak: sent {report.sent}, served {report.served} ({report.blended} blended, "
+          f"{report.fallbacks} full-prefill fallbacks), aborted {report.aborted}, disconnected "
+          f"{report.disconnected}, errors {len(report.errors)}; compared with the request "
+          f"alone {report.compared} ({report.uncompared} not comparable), mismatches "
+          f"{len(report.mismatches)}; chunk evictions {report.chunk_evictions}, server deaths "
+          f"{report.server_deaths}, leaks {len(report.leaks)}; {report.wall_s} s -> {args.out}")
     return 0 if report.ok else 1
 
 
@@ -96,8 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="start an SGLang server (embedded model and CPU defaults unless overridden)",
         description="All further arguments are SGLang server flags.",
     )
-    demo = sub.add_parser("demo", help="start a server, ask one RAG question, print the answer")
-    demo.add_argument("--port", type=int, default=30123)
+    demo = sub.add_parser(
+        "demo", help="CacheBlend end to end: full prefill, prefix cache, CacheBlend side by side",
+        description=demo_cmd.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_argument("--port", type=int, default=30123, help="port on 127.0.0.1")
+    demo.add_argument("--passages", type=Path, default=None,
+                      help="passages: a JSON list of strings, a musique_dev-format file, or text "
+                           "with passages separated by blank lines (default: a bundled item)")
+    demo.add_argument("--question", default=None, help="the question (default: the item's)")
+    demo.add_argument("--model-path", type=Path, default=None,
+                      help="a Hugging Face model directory (default: the embedded SmolLM2)")
+    demo.add_argument("--keep-server", action="store_true",
+                      help="leave the server serving afterwards and print how to call it")
     for name, module, help_text in (
         ("eval", quality_cmd,
          "quality and fidelity to full prefill per mode (MuSiQue F1, KL, answer agreement)"),

@@ -1,57 +1,196 @@
-"""``sglang-cacheblend demo``: one RAG question over a few passages, answered by a real server."""
+"""``sglang-cacheblend demo``: CacheBlend end to end on a real server, beside what SGLang does.
+
+The server runs with ``--enable-cacheblend``. The passages are precomputed into the chunk index
+(as a RAG service would do at ingest), then one question is asked with the passages in an order
+no request has used, three ways, and the demo prints side by side what each did:
+
+* **full prefill**: the plain prompt under a fresh ``cache_salt`` (nothing cached);
+* **SGLang's prefix cache**: the plain prompt after the same passages were sent in their
+  original order (only the text before the first passage that moved is reused);
+* **CacheBlend**: the prompt with every passage marked as a chunk (``cb.chunk``): every chunk
+  hits wherever it sits, and only the selected rows are recomputed.
+
+TTFT is timed on the client: the first streamed token of each answer. Absolute seconds on a
+shared CPU are noisy; the benchmarks (``sglang-cacheblend bench``) measure ratios properly.
+"""
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
+from tqdm.auto import tqdm
 
-from sglang_cacheblend.launch import ServerProcess
+from sglang_cacheblend.chunks import precompute_chunks
+from sglang_cacheblend.eval.dataset import load_items, rag_prompt
 
-PASSAGES = (
-    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
-    "It is named after the engineer Gustave Eiffel, whose company designed and built it "
-    "between 1887 and 1889.",
-    "Mount Fuji is the highest mountain in Japan, at 3,776 metres. It is an active "
-    "stratovolcano on Honshu island, about 100 kilometres south-west of Tokyo.",
-    "The Danube is the second-longest river in Europe. It flows through ten countries, "
-    "including Austria, Hungary and Romania, before reaching the Black Sea.",
-)
-QUESTION = "Who is the Eiffel Tower named after?"
-SYSTEM = "Answer the question using only the passages. Answer in a few words."
+__all__ = ["DEMO_DATA", "DemoRow", "compare", "load_passages", "render", "run_demo"]
+
+DEMO_DATA = Path(__file__).with_name("demo_passages.json")
+MAX_NEW_TOKENS = 24
+TIMEOUT = 600
 
 
-def rag_messages(passages: tuple[str, ...], question: str) -> list[dict[str, str]]:
-    context = "\n\n".join(f"Passage {i + 1}: {p}" for i, p in enumerate(passages))
-    return [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": f"{context}\n\nQuestion: {question}"},
-    ]
+@dataclass(frozen=True)
+class DemoRow:
+    """What one mode did for the question."""
+
+    mode: str
+    ttft_s: float
+    answer: str
+    cached_tokens: int
+    prompt_tokens: int
+    chunk_hits: int | None = None
+    chunks: int | None = None
+    recomputed_share: float | None = None  # rows computed / rows of a full prefill
+    blended: bool | None = None
 
 
-def run_demo(
-    model_path: Path, *, port: int, extra_args: list[str], log_path: Path | None = None
-) -> str:
-    print(f"starting SGLang with {model_path} on 127.0.0.1:{port} (log: {log_path})", flush=True)
-    started = time.monotonic()
-    with ServerProcess(
-        args=extra_args, port=port, model_path=model_path, log_path=log_path
-    ) as server:
-        print(f"server ready in {time.monotonic() - started:.0f} s", flush=True)
-        t0 = time.monotonic()
-        response = requests.post(
-            server.base_url + "/v1/chat/completions",
-            json={
-                "model": "default",
-                "messages": rag_messages(PASSAGES, QUESTION),
-                "temperature": 0,
-                "max_tokens": 32,
-            },
-            timeout=300,
-        )
-        response.raise_for_status()
-        answer = response.json()["choices"][0]["message"]["content"].strip()
-        print(f"question: {QUESTION}")
-        print(f"answer:   {answer}   ({time.monotonic() - t0:.1f} s)")
-    return answer
+def load_passages(path: Path | None, question: str | None) -> tuple[list[str], str]:
+    """Passages and question: the bundled musique item, or ``path`` (a JSON list of strings, a
+    musique_dev-format file, or text with passages separated by blank lines)."""
+    if path is None:
+        item = load_items(DEMO_DATA)[0]
+        return list(item.passages), question or item.question
+    text = Path(path).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if isinstance(data, list) and data and all(isinstance(p, str) for p in data):
+        passages = data
+    elif data is not None:
+        item = load_items(path)[0]
+        passages, question = list(item.passages), question or item.question
+    else:
+        passages = [p.strip() for p in text.split("\n\n") if p.strip()]
+    if not passages:
+        raise ValueError(f"{path}: no passages")
+    if not question:
+        raise ValueError("--question is needed with a passages file that holds no question")
+    return passages, question
+
+
+def _stream(base_url: str, body: dict[str, Any]) -> tuple[float, str, dict[str, Any]]:
+    """Send one streamed ``/generate``; (seconds to the first token, answer, meta_info)."""
+    body = {**body, "stream": True,
+            "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW_TOKENS}}
+    started = time.perf_counter()
+    ttft, last = None, {}
+    with requests.post(base_url + "/generate", json=body, stream=True, timeout=TIMEOUT) as reply:
+        if reply.status_code != 200:
+            raise RuntimeError(f"/generate answered {reply.status_code}: {reply.text[:300]}")
+        for line in reply.iter_lines():
+            if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
+                continue
+            if ttft is None:
+                ttft = time.perf_counter() - started
+            last = json.loads(line[len(b"data:"):])
+    return ttft or 0.0, last.get("text", "").strip(), last.get("meta_info", {})
+
+
+def _row(mode: str, ttft: float, answer: str, meta: dict[str, Any]) -> DemoRow:
+    reports = meta.get("cacheblend") or [None]
+    report = reports[0] or {}
+    full_rows = report.get("full_rows")
+    share = None if not full_rows else report.get("recomputed_rows", 0) / full_rows
+    return DemoRow(mode, ttft, answer, int(meta.get("cached_tokens", 0)),
+                   int(meta.get("prompt_tokens", 0)), report.get("chunk_hits"),
+                   report.get("chunks"), share, report.get("blended"))
+
+
+def compare(base_url: str, passages: Sequence[str], question: str,
+            *, progress: bool = True) -> list[DemoRow]:
+    """The three modes on one ``--enable-cacheblend`` server (module docstring)."""
+    base_url = base_url.rstrip("/")
+    prompt = rag_prompt(passages, question)
+    order = list(range(len(passages)))[::-1] if len(passages) > 1 else [0]
+    reordered = prompt.reordered(order)
+    blend_salt, prefix_salt = uuid.uuid4().hex, uuid.uuid4().hex
+    _stream(base_url, {"text": "Hello", "cache_salt": uuid.uuid4().hex})  # warm, untimed
+    for passage in tqdm(prompt.passages, desc="precompute chunks", unit="chunk",
+                        disable=not progress):
+        precompute_chunks(base_url, [passage], cache_salt=blend_salt)
+    steps = tqdm(total=4, desc="ask the question", unit="request", disable=not progress)
+    full = _row("full prefill", *_stream(base_url, {"text": reordered.text(),
+                                                     "cache_salt": uuid.uuid4().hex}))
+    steps.update()
+    _stream(base_url, {"text": prompt.text(), "cache_salt": prefix_salt})  # passages seen once
+    steps.update()
+    prefix = _row("SGLang prefix cache", *_stream(base_url, {"text": reordered.text(),
+                                                            "cache_salt": prefix_salt}))
+    steps.update()
+    blend = _row("CacheBlend", *_stream(base_url, {"text": reordered.marked_text(),
+                                                   "cache_salt": blend_salt}))
+    steps.update()
+    steps.close()
+    return [full, prefix, blend]
+
+
+def render(rows: Sequence[DemoRow], question: str) -> str:
+    """The side-by-side table a user reads."""
+    full = rows[0]
+    lines = [f"question: {question}", "",
+             f"{'mode':<20} {'TTFT':>7} {'vs full':>8} {'cached':>8} {'chunks hit':>11} "
+             f"{'rows computed':>14}  answer"]
+    for row in rows:
+        hits = "-" if row.chunk_hits is None else f"{row.chunk_hits}/{row.chunks}"
+        share = "100%" if row.recomputed_share is None else f"{row.recomputed_share:.0%}"
+        speed = f"{full.ttft_s / row.ttft_s:.2f}x" if row.ttft_s else "-"
+        lines.append(f"{row.mode:<20} {row.ttft_s:>6.2f}s {speed:>8} "
+                     f"{row.cached_tokens:>8} {hits:>11} {share:>14}  {row.answer!r}")
+    blend = rows[-1]
+    if blend.blended is False:
+        lines.append("CacheBlend did not blend this request (see meta_info.cacheblend.reason).")
+    same = "yes" if blend.answer == full.answer else "no"
+    lines += ["", f"CacheBlend's answer equals full prefill's: {same}",
+              f"(prompt {full.prompt_tokens} tokens; TTFT measured on the client, one run: "
+              "see docs/results for benchmarks)"]
+    return "\n".join(lines)
+
+
+def _usage(base_url: str) -> str:
+    return f"""
+The server keeps serving at {base_url} (Ctrl-C stops it). Try it:
+
+  curl -s {base_url}/generate -H 'content-type: application/json' -d '{{
+    "text": "Passages: <|cacheblend_chunk|>Paris is in France.<|/cacheblend_chunk|> Where is Paris?",
+    "sampling_params": {{"max_new_tokens": 16, "temperature": 0}}}}'
+
+  from openai import OpenAI
+  import sglang_cacheblend as cb
+  client = OpenAI(base_url="{base_url}/v1", api_key="none")
+  content = "Passages:\\n" + cb.chunk(passage_1) + cb.chunk(passage_2) + "\\nQuestion: ..."
+  client.chat.completions.create(model="default", messages=[{{"role": "user", "content": content}}])
+"""
+
+
+def run_demo(model_path: Path, *, port: int, extra_args: list[str],
+             passages_file: Path | None = None, question: str | None = None,
+             keep_server: bool = False, log_path: Path | None = None) -> list[DemoRow]:
+    """Start a ``--enable-cacheblend`` server on 127.0.0.1, compare, print, maybe keep serving."""
+    from sglang_cacheblend.launch import ServerProcess
+
+    passages, question = load_passages(passages_file, question)
+    args = list(extra_args) if "--enable-cacheblend" in extra_args else [
+        "--enable-cacheblend", *extra_args]
+    print(f"starting SGLang with CacheBlend: {model_path} on 127.0.0.1:{port} (log: {log_path})",
+          flush=True)
+    server = ServerProcess(args=args, port=port, model_path=model_path, log_path=log_path,
+                           progress=True)
+    server.start()
+    try:
+        rows = compare(server.base_url, passages, question)
+        print(render(rows, question), flush=True)
+        if keep_server:
+            print(_usage(server.base_url), flush=True)
+            server.wait()
+    finally:
+        server.stop()
+    return rows

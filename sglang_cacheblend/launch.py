@@ -121,6 +121,7 @@ class ServerProcess:
     log_path: Path | None = None
     startup_timeout_s: float = 600.0
     env: dict[str, str] | None = None
+    progress: bool = False  # a progress bar while the server starts (the demo shows one)
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _log_file: object = field(default=None, init=False, repr=False)
 
@@ -152,9 +153,27 @@ class ServerProcess:
         self._wait_ready()
         return self
 
+    def wait(self) -> None:
+        """Block until the server exits or the user presses Ctrl-C (``--keep-server``)."""
+        try:
+            self._proc.wait()
+        except KeyboardInterrupt:
+            pass
+
     def _wait_ready(self) -> None:
+        from tqdm.auto import tqdm
+
         deadline = time.monotonic() + self.startup_timeout_s
+        bar = tqdm(desc="start the server", unit="s", disable=not self.progress,
+                   bar_format="{desc}: {elapsed}")
+        try:
+            self._poll_until_ready(deadline, bar)
+        finally:
+            bar.close()
+
+    def _poll_until_ready(self, deadline: float, bar) -> None:
         while time.monotonic() < deadline:
+            bar.update()
             if self._proc.poll() is not None:
                 raise RuntimeError(
                     f"SGLang server exited with code {self._proc.returncode} during startup"

@@ -6,7 +6,9 @@ enabled, and killed with its whole process group at the end of the session.
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,18 +31,26 @@ def model_path() -> Path:
 SERVER_BLEND_ARGS = ["--enable-cacheblend", "--cacheblend-recompute-ratio", "0.2"]
 
 
-@pytest.fixture(scope="session")
-def server(model_path: Path, tmp_path_factory: pytest.TempPathFactory):
+@contextlib.contextmanager
+def running_server(model_path: Path, log_dir: Path, args: list[str]) -> Iterator:
+    """A server of ``model_path`` on a free loopback port; its log's tail is printed if it
+    fails to start."""
     from sglang_cacheblend.launch import ServerProcess
 
-    log_path = tmp_path_factory.mktemp("server") / "sglang.log"
-    proc = ServerProcess(
-        args=SERVER_BLEND_ARGS, port=free_port(), model_path=model_path, log_path=log_path
-    )
+    log_path = log_dir / "sglang.log"
+    proc = ServerProcess(args=args, port=free_port(), model_path=model_path, log_path=log_path)
     try:
         proc.start()
     except Exception:
         print(log_path.read_text()[-5000:])
         raise
-    yield proc
-    proc.stop()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def server(model_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    with running_server(model_path, tmp_path_factory.mktemp("server"), SERVER_BLEND_ARGS) as proc:
+        yield proc

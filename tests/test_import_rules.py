@@ -88,7 +88,8 @@ def test_chunk_marking_and_config_import_neither_torch_nor_sglang():
     "sglang_cacheblend.chunks.client", "sglang_cacheblend.chunks.hints",
 ])
 def test_light_modules_load_without_torch_at_runtime(module):
-    code = f"import sys, {module}; print(sorted(m for m in ('torch', 'sglang') if m in sys.modules))"
+    code = (f"import sys, {module}; "
+            "print(sorted(m for m in ('torch', 'sglang') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=ROOT)
     assert out.stdout.strip() == "[]"

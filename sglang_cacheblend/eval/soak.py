@@ -9,8 +9,13 @@ count and a wall-clock budget, whichever comes first.
 What it checks:
 
 * the server never dies (``/health`` after every phase, the process still running);
-* every completed greedy answer equals the same request served alone after ``/flush_cache``
-  (the caches empty, as on a fresh server with the same settings);
+* every completed greedy answer equals the same request served alone, the same way, after
+  ``/flush_cache`` (the caches empty, as on a fresh server with the same settings). "The same
+  way" matters: under memory pressure a request may fall back to a full prefill (reported in
+  ``meta_info``), which is exact where the blend is approximate, so a fallback is compared with
+  a full prefill of the same token ids and a blend with the blend alone. A blend that could
+  reuse fewer chunk tokens than alone (a missed chunk with no free slots is recomputed in place)
+  has no alone counterpart and is counted, not compared;
 * nothing leaks: once idle, no slot is protected and no chunk locked, and after
   ``/flush_cache`` every slot of the pool is free again.
 
@@ -66,6 +71,9 @@ class SoakReport:
     errors: list[str] = field(default_factory=list)
     mismatches: list[str] = field(default_factory=list)
     blended: int = 0
+    fallbacks: int = 0  # served as full prefill although marked (reported reason)
+    uncompared: int = 0  # blended with fewer chunk tokens reused than alone
+    compared: int = 0
     chunk_evictions: int = 0
     server_deaths: int = 0
     leaks: list[str] = field(default_factory=list)
@@ -77,14 +85,24 @@ class SoakReport:
 
 
 def _prompts(config: SoakConfig) -> list[str]:
-    """Distinct marked prompts: a few passages each, from one shared corpus, in random order."""
+    """Distinct marked prompts from one shared corpus: each opens with a passage of its own,
+    then ``passages - 1`` drawn from the rest in random order (shared, reordered, repeated).
+
+    The passage of its own keeps one prompt's blended KV from ever being another prompt's exact
+    prefix, so an answer depends only on its own prompt and on how it was served.
+    """
     rng = random.Random(config.seed)
     items = load_items(config.data)[: config.corpus_items]
     corpus = [p for item in items for p in item.passages[:4]]
+    rng.shuffle(corpus)
+    if len(corpus) < 2 * config.prompts:
+        raise ValueError(f"{config.corpus_items} items give {len(corpus)} passages; "
+                         f"{config.prompts} prompts need {2 * config.prompts}")
+    own, shared = corpus[: config.prompts], corpus[config.prompts:]
     prompts = []
-    for _ in range(config.prompts):
+    for first in own:
         item = rng.choice(items)
-        passages = rng.sample(corpus, config.passages)
+        passages = [first, *rng.sample(shared, config.passages - 1)]
         prompts.append(rag_prompt(passages, item.question).marked_text())
     return prompts
 
@@ -93,10 +111,11 @@ class _Server:
     def __init__(self, base_url: str, timeout_s: float = 300.0) -> None:
         self.base_url, self.timeout_s = base_url.rstrip("/"), timeout_s
 
-    def generate(self, text: str, max_new_tokens: int, *, rid: str | None = None,
+    def generate(self, text: str | list[int], max_new_tokens: int, *, rid: str | None = None,
                  read_timeout: float | None = None) -> dict[str, Any]:
-        body = {"text": text, "rid": rid or uuid.uuid4().hex,
-                "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens}}
+        body = {"rid": rid or uuid.uuid4().hex, "return_prompt_token_ids": True,
+                "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens},
+                **({"text": text} if isinstance(text, str) else {"input_ids": text})}
         response = requests.post(self.base_url + "/generate", json=body,
                                  timeout=(10, read_timeout or self.timeout_s))
         if response.status_code != 200:
@@ -154,9 +173,10 @@ def run_soak(base_url: str, config: SoakConfig) -> SoakReport:
                 "disconnect" if draw < config.abort_share + config.disconnect_share else
                 "complete")
         plan.append((rng.randrange(len(prompts)), kind, random.Random(rng.random())))
+    shared_prefix = _shared_prefix_len(server, prompts)
     evictions_before = server.state()["chunk_index"]["evictions"]
     started = time.monotonic()
-    answers: dict[int, list[int]] = {}
+    served: dict[tuple[int, tuple], dict[str, Any]] = {}  # (prompt, how served) -> first reply
     lock = threading.Lock()
 
     def worker(step: tuple[int, str, random.Random]) -> None:
@@ -168,18 +188,28 @@ def run_soak(base_url: str, config: SoakConfig) -> SoakReport:
         except Exception as exc:  # noqa: BLE001 - every failure is counted, none stops the run
             outcome, reply = f"error: {kind} prompt {index}: {exc}", None
         with lock:
-            _count(report, answers, index, outcome, reply)
+            _count(report, served, index, outcome, reply, shared_prefix)
 
     with ThreadPoolExecutor(max_workers=config.clients) as pool:
         list(pool.map(worker, plan))
     report.server_deaths += not server.alive()
     report.leaks += _leaks_when_idle(server)
     report.chunk_evictions = server.state()["chunk_index"]["evictions"] - evictions_before
-    for index, output_ids in sorted(answers.items()):  # each alone, on empty caches
-        server.flush()
-        alone = server.generate(prompts[index], config.max_new_tokens)["output_ids"]
-        if alone != output_ids:
-            report.mismatches.append(f"prompt {index}: under load {output_ids} != alone {alone}")
+    for (index, how), reply in sorted(served.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        server.flush()  # each alone, on empty caches
+        if how[0] == "full" and how[2] == 0:  # a fallback: a full prefill of the same ids
+            alone = server.generate(reply["prompt_token_ids"], config.max_new_tokens)
+        else:
+            alone = server.generate(prompts[index], config.max_new_tokens)
+            if how[2]:  # served on its own earlier blended KV: serve it twice
+                alone = server.generate(prompts[index], config.max_new_tokens)
+            if _how(alone, shared_prefix) != how:
+                report.uncompared += 1
+                continue
+        report.compared += 1
+        if alone["output_ids"] != reply["output_ids"]:
+            report.mismatches.append(f"prompt {index} served {how}: under load "
+                                     f"{reply['output_ids']} != alone {alone['output_ids']}")
     server.flush()
     state = server.state()
     if state["token_pool"]["available"] != state["token_pool"]["total"]:
@@ -189,23 +219,47 @@ def run_soak(base_url: str, config: SoakConfig) -> SoakReport:
     return report
 
 
-def _count(report: SoakReport, answers: dict[int, list[int]], index: int, outcome: str,
-           reply: dict[str, Any] | None) -> None:
+def _how(reply: dict[str, Any], shared_prefix: int) -> tuple:
+    """How a request was served: blended or a full prefill, the chunk tokens it reused, and the
+    prefix it reused beyond the instruction every prompt shares (0 when none)."""
+    reports = reply["meta_info"].get("cacheblend") or [{}]
+    cached = int(reply["meta_info"].get("cached_tokens") or 0)
+    beyond = 0 if cached <= shared_prefix else cached
+    if not reports[0].get("blended"):
+        return ("full", None, beyond)
+    return ("blend", reports[0].get("chunk_reused_tokens"), beyond)
+
+
+def _count(report: SoakReport, served: dict[tuple[int, tuple], dict[str, Any]], index: int,
+           outcome: str, reply: dict[str, Any] | None, shared_prefix: int) -> None:
     report.sent += 1
     if outcome.startswith("error: "):
         report.errors.append(outcome.removeprefix("error: "))
     elif outcome == "aborted":
-            report.aborted += 1
+        report.aborted += 1
     elif outcome == "disconnected":
         report.disconnected += 1
     else:  # served (compared with its repeats and with the request alone), or served late
         report.served += 1
-        if reply is not None:
-            reports = reply["meta_info"].get("cacheblend") or [{}]
-            report.blended += bool(reports[0].get("blended"))
-            answers.setdefault(index, reply["output_ids"])
-            if answers[index] != reply["output_ids"]:
-                report.mismatches.append(f"prompt {index}: a repeat answered differently")
+        if reply is None:
+            return
+        how = _how(reply, shared_prefix)
+        report.blended += how[0] == "blend"
+        report.fallbacks += how[0] == "full"
+        first = served.setdefault((index, how), reply)
+        if first["output_ids"] != reply["output_ids"]:
+            report.mismatches.append(f"prompt {index} served {how}: a repeat answered "
+                                     "differently")
+
+
+def _shared_prefix_len(server: _Server, prompts: list[str]) -> int:
+    """Tokens every prompt shares before its first passage (the instruction): what a request
+    may reuse from another prompt's KV, exact because it precedes every chunk."""
+    server.flush()
+    server.generate(prompts[0], 1)
+    shared = int(server.generate(prompts[1], 1)["meta_info"].get("cached_tokens") or 0)
+    server.flush()
+    return shared
 
 
 def _leaks_when_idle(server: _Server, wait_s: float = 60.0) -> list[str]:

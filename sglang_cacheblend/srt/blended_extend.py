@@ -135,7 +135,8 @@ class BlendedExtendMixin:
                     outcomes[rid] = ""
                 except Exception as exc:  # noqa: BLE001 - never into the scheduler loop
                     logger.exception("request %s: blended prefill failed; prefilling in full", rid)
-                    outcomes[rid] = f"blended prefill failed ({type(exc).__name__}): prefilled in full"
+                    outcomes[rid] = (f"blended prefill failed ({type(exc).__name__}): "
+                                     "prefilled in full")
                     request = None
                     hidden[span] = ops.embed(input_ids[span])
             if request is None:

@@ -80,8 +80,9 @@ class ChunkRequest:
         blend = payload["blend"]
         if blend is not None:
             blend = BlendConfig(**{**blend, "gradual": tuple(map(tuple, blend["gradual"]))})
-        return cls(bool(payload["precompute"]), tuple((int(s), int(e)) for s, e in payload["spans"]),
-                   tuple(int(t) for t in payload["sink"]), blend)
+        spans = tuple((int(start), int(end)) for start, end in payload["spans"])
+        return cls(bool(payload["precompute"]), spans, tuple(int(t) for t in payload["sink"]),
+                   blend)
 
 
 def envelope_with(

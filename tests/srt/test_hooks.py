@@ -56,8 +56,8 @@ def test_enable_flag_stops_the_launcher_naming_a_hook_that_did_not_apply(monkeyp
 def test_request_hooks_do_nothing_without_enable_cacheblend(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     admitted = []
-    adder = SimpleNamespace(tree_cache=SimpleNamespace(admit_chunks=lambda *a, **k: admitted.append(a)),
-                            rem_total_tokens=10)
+    cache = SimpleNamespace(admit_chunks=lambda *a, **k: admitted.append(a))
+    adder = SimpleNamespace(tree_cache=cache, rem_total_tokens=10)
     assert hooks._admit_request_chunks("result", adder, SimpleNamespace(rid="r")) == "result"
     assert admitted == []
     monkeypatch.setenv(ENV_VAR, ServerOptions(enabled=True).to_env())

@@ -16,8 +16,7 @@ import pytest
 import requests
 
 from sglang_cacheblend.chunks import chunk_hints, precompute_hints
-from sglang_cacheblend.launch import ServerProcess
-from tests.conftest import free_port
+from tests.conftest import running_server
 
 TIMEOUT = 600
 POOL = 6000
@@ -25,16 +24,9 @@ POOL = 6000
 
 @pytest.fixture(scope="module")
 def small_server(model_path, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("small_pool") / "sglang.log"
-    proc = ServerProcess(args=["--enable-cacheblend", "--max-total-tokens", str(POOL)],
-                         port=free_port(), model_path=model_path, log_path=log_path)
-    try:
-        proc.start()
-    except Exception:
-        print(log_path.read_text()[-5000:])
-        raise
-    yield proc
-    proc.stop()
+    args = ["--enable-cacheblend", "--max-total-tokens", str(POOL)]
+    with running_server(model_path, tmp_path_factory.mktemp("small_server"), args) as proc:
+        yield proc
 
 
 def _state(server) -> dict:

@@ -7,30 +7,25 @@ every completed answer must equal the same request served alone, and nothing may
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sglang_cacheblend.eval.soak import SoakConfig, run_soak
-from sglang_cacheblend.launch import ServerProcess
-from tests.conftest import free_port
+from tests.conftest import running_server
 
 
 @pytest.fixture(scope="module")
 def soak_server(model_path, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("soak") / "sglang.log"
-    proc = ServerProcess(args=["--enable-cacheblend", "--max-total-tokens", "4000"],
-                         port=free_port(), model_path=model_path, log_path=log_path)
-    try:
-        proc.start()
-    except Exception:
-        print(log_path.read_text()[-5000:])
-        raise
-    yield proc
-    proc.stop()
+    args = ["--enable-cacheblend", "--max-total-tokens", "4000"]
+    with running_server(model_path, tmp_path_factory.mktemp("soak_server"), args) as proc:
+        yield proc
 
 
 def test_short_soak_keeps_serving_answers_alike_and_leaks_nothing(soak_server):
-    report = run_soak(soak_server.base_url, SoakConfig(requests=18, duration_s=400, clients=3,
-                                                       prompts=6, seed=1))
+    data = Path(__file__).resolve().parents[1] / "data" / "musique_dev_20_39.json"
+    config = SoakConfig(requests=18, duration_s=400, clients=3, prompts=6, seed=1, data=data)
+    report = run_soak(soak_server.base_url, config)
     print(report)
     assert soak_server.is_running() and report.server_deaths == 0
     assert report.errors == [] and report.leaks == []
