@@ -132,9 +132,11 @@ def read_client_action(actions: Iterable[tuple[str, str, Any]]) -> ClientAction 
                          f"{sorted(_PAYLOAD_KEYS)}")
     if "spans" not in payload:
         raise ValueError(f"{kind} payload needs 'spans': a list of [start, end] pairs")
-    spans = validate_spans(payload["spans"], _max_end(payload["spans"]))
-    return ClientAction(False, spans, payload.get("recompute_ratio"), payload.get("selector"),
-                        payload.get("gradual"))
+    spans = payload["spans"]
+    if not isinstance(spans, (list, tuple)):  # ClientAction checks each span
+        raise ValueError(f"chunk spans must be a list of [start, end] pairs, got {spans!r}")
+    return ClientAction(False, tuple(spans), payload.get("recompute_ratio"),
+                        payload.get("selector"), payload.get("gradual"))
 
 
 def _is_unit_number(value: Any) -> bool:

@@ -352,3 +352,29 @@ def test_idle_server_holds_no_chunk_locks_and_flush_returns_every_slot(server):
     assert flushed["token_pool"]["available"] == flushed["token_pool"]["total"]
     assert flushed["token_pool"]["evictable"] == 0
     assert flushed["chunk_index"]["num_entries"] == 0
+
+
+def test_spans_are_checked_against_the_ids_sglang_keeps(tokenizer, monkeypatch):
+    """Review F11: --allow-auto-truncate shortened input_ids after the spans were validated;
+    the scheduler then met spans past the prompt's end. Spans are now checked afterwards."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import pytest
+
+    from sglang_cacheblend.srt.server_options import ENV_VAR, ServerOptions
+    from sglang_cacheblend.srt.tokenizer_hooks import tokenize_with_chunks
+
+    monkeypatch.setenv(ENV_VAR, ServerOptions(enabled=True).to_env())
+    manager = SimpleNamespace(tokenizer=tokenizer, context_len=8192,
+                              model_config=SimpleNamespace(num_hidden_layers=30))
+
+    async def truncating(_manager, request):  # what SGLang's auto-truncation does in place
+        del request.input_ids[40:]
+        return SimpleNamespace(input_ids=list(request.input_ids), kv_hints=request.kv_hints,
+                               extra_key=request.extra_key)
+
+    obj = _normalized_request(input_ids=list(range(1000, 1100)),
+                              kv_hints=chunk_hints([(0, 30), (30, 90)]))
+    with pytest.raises(ValueError, match=r"chunk span 1 \[30, 90\) is outside the prompt of 40"):
+        asyncio.run(tokenize_with_chunks(truncating, manager, obj))
