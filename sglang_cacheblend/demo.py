@@ -7,8 +7,10 @@ no request has used, three ways, and the demo prints side by side what each did:
 * **full prefill**: the plain prompt under a fresh ``cache_salt`` (nothing cached);
 * **SGLang's prefix cache**: the plain prompt after the same passages were sent in their
   original order (only the text before the first passage that moved is reused);
-* **CacheBlend**: the prompt with every passage marked as a chunk (``cb.chunk``): every chunk
-  hits wherever it sits, and only the selected rows are recomputed.
+* **CacheBlend**: the same prompt with every passage marked as a chunk: every chunk hits
+  wherever it sits, and only the selected rows are recomputed.
+
+All three send the same token ids, each passage tokenized on its own as chunks are.
 
 TTFT is timed on the client: the first streamed token of each answer. Absolute seconds on a
 shared CPU are noisy; the benchmarks (``sglang-cacheblend bench``) measure ratios properly.
@@ -27,8 +29,8 @@ from typing import Any
 import requests
 from tqdm.auto import tqdm
 
-from sglang_cacheblend.chunks import precompute_chunks
-from sglang_cacheblend.eval.dataset import load_items, rag_prompt
+from sglang_cacheblend.chunks import chunk_hints, precompute_chunks
+from sglang_cacheblend.eval.dataset import encoder, load_items, rag_prompt, tokenize_prompt
 
 __all__ = ["DEMO_DATA", "DemoRow", "compare", "load_passages", "render", "run_demo"]
 
@@ -105,29 +107,36 @@ def _row(mode: str, ttft: float, answer: str, meta: dict[str, Any]) -> DemoRow:
                    report.get("chunks"), share, report.get("blended"))
 
 
-def compare(base_url: str, passages: Sequence[str], question: str,
+def compare(base_url: str, passages: Sequence[str], question: str, tokenizer: Any,
             *, progress: bool = True) -> list[DemoRow]:
-    """The three modes on one ``--enable-cacheblend`` server (module docstring)."""
+    """The three modes on one ``--enable-cacheblend`` server (module docstring).
+
+    All three send the same token ids (each passage tokenized on its own, as chunks are), so
+    their answers differ only by how the prompt's KV was made.
+    """
     base_url = base_url.rstrip("/")
+    encode = encoder(tokenizer)
     prompt = rag_prompt(passages, question)
     order = list(range(len(passages)))[::-1] if len(passages) > 1 else [0]
-    reordered = prompt.reordered(order)
+    seen = tokenize_prompt(prompt, encode)
+    asked = tokenize_prompt(prompt.reordered(order), encode)
+    ids = list(asked.input_ids)
     blend_salt, prefix_salt = uuid.uuid4().hex, uuid.uuid4().hex
     _stream(base_url, {"text": "Hello", "cache_salt": uuid.uuid4().hex})  # warm, untimed
     for passage in tqdm(prompt.passages, desc="precompute chunks", unit="chunk",
                         disable=not progress):
         precompute_chunks(base_url, [passage], cache_salt=blend_salt)
     steps = tqdm(total=4, desc="ask the question", unit="request", disable=not progress)
-    full = _row("full prefill", *_stream(base_url, {"text": reordered.text(),
+    full = _row("full prefill", *_stream(base_url, {"input_ids": ids,
                                                      "cache_salt": uuid.uuid4().hex}))
     steps.update()
-    _stream(base_url, {"text": prompt.text(), "cache_salt": prefix_salt})  # passages seen once
-    steps.update()
-    prefix = _row("SGLang prefix cache", *_stream(base_url, {"text": reordered.text(),
+    _stream(base_url, {"input_ids": list(seen.input_ids), "cache_salt": prefix_salt})
+    steps.update()  # the passages seen once, in their original order
+    prefix = _row("SGLang prefix cache", *_stream(base_url, {"input_ids": ids,
                                                             "cache_salt": prefix_salt}))
     steps.update()
-    blend = _row("CacheBlend", *_stream(base_url, {"text": reordered.marked_text(),
-                                                   "cache_salt": blend_salt}))
+    blend = _row("CacheBlend", *_stream(base_url, {"input_ids": ids, "cache_salt": blend_salt,
+                                                   "kv_hints": chunk_hints(asked.spans)}))
     steps.update()
     steps.close()
     return [full, prefix, blend]
@@ -175,9 +184,12 @@ def run_demo(model_path: Path, *, port: int, extra_args: list[str],
              passages_file: Path | None = None, question: str | None = None,
              keep_server: bool = False, log_path: Path | None = None) -> list[DemoRow]:
     """Start a ``--enable-cacheblend`` server on 127.0.0.1, compare, print, maybe keep serving."""
+    from transformers import AutoTokenizer
+
     from sglang_cacheblend.launch import ServerProcess
 
     passages, question = load_passages(passages_file, question)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     args = list(extra_args) if "--enable-cacheblend" in extra_args else [
         "--enable-cacheblend", *extra_args]
     print(f"starting SGLang with CacheBlend: {model_path} on 127.0.0.1:{port} (log: {log_path})",
@@ -186,7 +198,7 @@ def run_demo(model_path: Path, *, port: int, extra_args: list[str],
                            progress=True)
     server.start()
     try:
-        rows = compare(server.base_url, passages, question)
+        rows = compare(server.base_url, passages, question, tokenizer)
         print(render(rows, question), flush=True)
         if keep_server:
             print(_usage(server.base_url), flush=True)

@@ -12,9 +12,12 @@ import json
 from sglang_cacheblend import demo
 
 
-def test_demo_compares_the_three_modes_and_prints_them(server, capsys, tmp_path):
+def test_demo_compares_the_three_modes_and_prints_them(server, model_path):
+    from transformers import AutoTokenizer
+
     passages, question = demo.load_passages(None, None)
-    rows = demo.compare(server.base_url, passages[:3], question, progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    rows = demo.compare(server.base_url, passages[:3], question, tokenizer, progress=False)
     full, prefix, blend = rows
     assert [r.mode for r in rows] == ["full prefill", "SGLang prefix cache", "CacheBlend"]
     assert full.chunk_hits is None and prefix.chunk_hits is None
