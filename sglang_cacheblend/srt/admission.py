@@ -130,7 +130,7 @@ class ChunkAdmission:
 
     @staticmethod
     def _why_not(req: Req, request: ChunkRequest, matches: Sequence[ChunkMatch]) -> str:
-        """Why the request cannot blend, before anything is locked ("" if it may)."""
+        """Why the request cannot blend ("" if it may), whatever memory there is."""
         config = request.blend
         prompt_len = len(req.origin_input_ids)
         if config is None:
