@@ -1,0 +1,135 @@
+"""Local-disk tier: one safetensors file per chunk, checked on every read, written atomically.
+
+The tier survives a restart (its files are the index). A file that is truncated, corrupted,
+written by another format version or stored under another key is detected on read, deleted
+with a warning, and reported as a miss, so the chunk is recomputed and never served damaged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sglang_cacheblend.store.entry import ChunkKV
+from sglang_cacheblend.store.tier import TierStats
+
+__all__ = ["DiskTier"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "sglang-cacheblend-chunk"
+VERSION = "1"
+_SUFFIX = ".safetensors"
+_FIELDS = ("k", "v", "positions", "token_ids")
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """BLAKE2b-256 over every tensor's dtype, shape and bytes, in field order."""
+    digest = hashlib.blake2b(digest_size=32)
+    for name in _FIELDS:
+        t = tensors[name].contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+class DiskTier:
+    """Chunk KV files under ``root``, at most ``capacity_bytes`` of them (least recently read
+    or written first out)."""
+
+    def __init__(self, root: Path | str, capacity_bytes: int) -> None:
+        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, int) or (
+                capacity_bytes < 0):
+            raise ValueError(f"capacity_bytes must be an int >= 0, got {capacity_bytes!r}")
+        self._root = Path(root)
+        self._root.mkdir(parents=True, exist_ok=True)
+        self._capacity = capacity_bytes
+        self._stats = TierStats(capacity_bytes=capacity_bytes)
+        for stale in self._root.glob(".*.tmp"):  # a write cut off by a crash
+            stale.unlink(missing_ok=True)
+        # key -> (bytes on disk, last access); the files are the truth across restarts.
+        self._index: dict[str, tuple[int, float]] = {
+            path.name.removesuffix(_SUFFIX): (path.stat().st_size, path.stat().st_mtime)
+            for path in self._root.glob(f"*{_SUFFIX}")
+        }
+
+    def _path(self, key: str) -> Path:
+        if not key or not all(c in "0123456789abcdef" for c in key):
+            raise ValueError(f"disk tier keys are lowercase hex digests, got {key!r}")
+        return self._root / f"{key}{_SUFFIX}"
+
+    def get(self, key: str) -> ChunkKV | None:
+        path = self._path(key)
+        if key not in self._index:
+            self._stats.misses += 1
+            return None
+        try:
+            kv = self._read(path, key)
+        except Exception as exc:  # noqa: BLE001 - any damage means: recompute, never serve
+            logger.warning("chunk KV file %s is unusable (%s); dropped, the chunk is recomputed",
+                           path, exc)
+            self._drop(key)
+            self._stats.misses += 1
+            self._stats.dropped += 1
+            return None
+        now = time.time()
+        os.utime(path, (now, now))
+        self._index[key] = (self._index[key][0], now)
+        self._stats.hits += 1
+        return kv
+
+    @staticmethod
+    def _read(path: Path, key: str) -> ChunkKV:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+                raise ValueError(f"format {meta.get('format')!r} version "
+                                 f"{meta.get('version')!r}, expected {FORMAT!r} {VERSION!r}")
+            if meta.get("key") != key:
+                raise ValueError(f"stored under key {meta.get('key')!r}")
+            tensors = {name: f.get_tensor(name) for name in _FIELDS}
+        if _checksum(tensors) != meta.get("checksum"):
+            raise ValueError("checksum mismatch")
+        return ChunkKV(**tensors)
+
+    def put(self, key: str, kv: ChunkKV) -> list[tuple[str, ChunkKV]]:
+        """Write ``kv`` atomically (a temporary file renamed into place); evicted entries are
+        deleted, not returned: disk is the last local tier."""
+        path = self._path(key)
+        tensors = {name: getattr(kv, name).contiguous() for name in _FIELDS}
+        meta = {"format": FORMAT, "version": VERSION, "key": key, "checksum": _checksum(tensors)}
+        tmp = self._root / f".{key}.{os.getpid()}.tmp"
+        save_file(tensors, str(tmp), metadata=meta)
+        size = tmp.stat().st_size
+        if size > self._capacity:
+            tmp.unlink()
+            return []
+        self._drop(key)
+        while self._index and sum(s for s, _ in self._index.values()) + size > self._capacity:
+            oldest = min(self._index, key=lambda k: self._index[k][1])
+            self._drop(oldest)
+            self._stats.evictions += 1
+        os.replace(tmp, path)
+        self._index[key] = (size, time.time())
+        return []
+
+    def remove(self, key: str) -> bool:
+        present = key in self._index
+        self._drop(key)
+        return present
+
+    def _drop(self, key: str) -> None:
+        self._index.pop(key, None)
+        self._path(key).unlink(missing_ok=True)
+
+    def stats(self) -> TierStats:
+        self._stats.entries = len(self._index)
+        self._stats.bytes = sum(size for size, _ in self._index.values())
+        return TierStats(**vars(self._stats))
