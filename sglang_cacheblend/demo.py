@@ -164,12 +164,18 @@ def render(rows: Sequence[DemoRow], question: str) -> str:
     return "\n".join(lines)
 
 
+EXAMPLE_TEXT = ("Passages: <|cacheblend_chunk|>Paris, the capital of France, lies on the Seine "
+                "and has been the largest city of the country for centuries."
+                "<|/cacheblend_chunk|> Where is Paris?")
+"""The ``--keep-server`` curl example's prompt (one chunk above the server's minimum length)."""
+
+
 def _usage(base_url: str) -> str:
     return f"""
 The server keeps serving at {base_url} (Ctrl-C stops it). Try it:
 
   curl -s {base_url}/generate -H 'content-type: application/json' -d '{{
-    "text": "Passages: <|cacheblend_chunk|>Paris is in France.<|/cacheblend_chunk|> Where is Paris?",
+    "text": "{EXAMPLE_TEXT}",
     "sampling_params": {{"max_new_tokens": 16, "temperature": 0}}}}'
 
   from openai import OpenAI

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+import requests
+
 from sglang_cacheblend import demo
 
 
@@ -29,6 +31,9 @@ def test_demo_compares_the_three_modes_and_prints_them(server, model_path):
     table = demo.render(rows, question)
     print(table)
     assert "3/3" in table and question in table and "CacheBlend's answer equals" in table
+    example = requests.post(server.base_url + "/generate", timeout=300, json={
+        "text": demo.EXAMPLE_TEXT, "sampling_params": {"max_new_tokens": 4}})
+    assert example.status_code == 200, example.text  # the --keep-server example works
     print(f"TTFT full {full.ttft_s:.2f} s, prefix {prefix.ttft_s:.2f} s, "
           f"CacheBlend {blend.ttft_s:.2f} s (reported, not asserted)")
 
