@@ -37,6 +37,7 @@ from radix_ext.chunk_types import (
     ChunkEvictResult,
     ChunkMatch,
     ChunkStats,
+    EvictedChunk,
     InsertChunkResult,
     LockResult,
     LruHead,
@@ -63,6 +64,10 @@ class ChunkIndex:
     clock : Callable[[], float]
         Access-time source; default ``time.monotonic``, the clock SGLang's radix tree uses, so
         access times of chunks and tree nodes compare.
+    on_evict : Callable[[EvictedChunk], None], optional
+        Called for each entry evicted under memory pressure, *before* its slots are freed, so
+        a store below the pool can copy the KV out (spill). Not called by :meth:`reset`. An
+        exception from it is the caller's bug and propagates; the entry is still removed.
 
     Notes
     -----
@@ -77,8 +82,10 @@ class ChunkIndex:
         *,
         hash_fn: ChunkHashFn = default_chunk_hash,
         clock: Callable[[], float] = time.monotonic,
+        on_evict: Callable[[EvictedChunk], None] | None = None,
     ) -> None:
         self._allocator = allocator
+        self._on_evict = on_evict
         self._hash_fn = hash_fn
         self._clock = clock
         self._buckets: dict[tuple[Hashable, Hashable], list[ChunkEntry]] = {}
@@ -263,7 +270,12 @@ class ChunkIndex:
             entry = next(iter(self._lru.values()))
             if older_than is not None and entry.last_access_time >= older_than:
                 break
-            self._remove(entry)
+            try:
+                if self._on_evict is not None:
+                    self._on_evict(EvictedChunk(entry.namespace, entry.token_bytes,
+                                                entry.kv_loc, entry.positions))
+            finally:
+                self._remove(entry)
             freed += entry.length
             evicted += 1
         self._evictions += evicted

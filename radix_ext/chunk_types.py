@@ -136,6 +136,25 @@ class ChunkEvictResult(NamedTuple):
     num_entries_evicted: int
 
 
+class EvictedChunk(NamedTuple):
+    """An entry about to be evicted, as the ``on_evict`` listener sees it.
+
+    ``kv_loc`` still holds the chunk's KV when the listener runs (freed right after);
+    ``token_bytes`` are the packed token ids (:func:`radix_ext.keys.pack_token_ids`).
+    """
+
+    namespace: Hashable
+    token_bytes: bytes
+    kv_loc: torch.Tensor
+    positions: torch.Tensor
+
+    @property
+    def token_ids(self) -> list[int]:
+        from radix_ext.keys import unpack_token_ids
+
+        return unpack_token_ids(self.token_bytes)
+
+
 class LruHead(NamedTuple):
     """The least recently used evictable entry: when it was last accessed and its length."""
 

@@ -5,12 +5,16 @@ it, from admission to release; :class:`ChunkAdmission` owns those objects for on
 and is what the model reads (``BlendRequestSource``). The life of a chunked request:
 
 1. ``touch`` (each ``match_prefix``): look its spans up, so their access times move on; no lock.
-2. ``admit`` (when SGLang admits it to prefill): lock the hits, decide the blend, allocate slots
-   for missed chunks (the model computes them standalone in the request's forward). Never
-   over-commits the pool: SGLang's admission counted the hits as evictable, so the locks and
-   the miss slots must fit in what its budget has left, or the request falls back to a normal
-   prefill with its locks released.
-3. ``store_computed_chunk`` (from the forward): a missed chunk's KV goes into the index.
+2. ``admit`` (when SGLang admits it to prefill): lock the hits, read the chunks the pool missed
+   from the store's tiers (host RAM, disk, Mooncake) when they hold them, allocate slots for
+   those loads and for the chunks still missing (the model computes those standalone in the
+   request's forward), and, under ``--cacheblend-ratio-policy controller``, let the Loading
+   Controller pick the ratio. Never over-commits the pool: SGLang's admission counted the hits
+   as evictable, so the locks, the load slots and the miss slots must fit in what its budget has
+   left, or the request falls back to a normal prefill with its locks released.
+3. ``store_computed_chunk`` / ``store_loaded_chunk`` (from the forward): a missed chunk's KV, or
+   a loaded chunk's, now in its slots, goes into the index (locked for the request);
+   ``record_load``: the forward's measured load and compute speeds, for the controller.
 4. ``finish_forward`` (right after the blended forward): the chunk KV now sits in the request's
    own slots, so the locks are released (the KV may be evicted during a long decode) and no
    later forward of the request (decode, speculative verify) blends again.
@@ -23,7 +27,9 @@ slots of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -32,13 +38,17 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
 from sglang_cacheblend.srt.blend_namespace import chunk_extra_key
-from sglang_cacheblend.srt.blend_request import BlendRequest, ChunkHit, ChunkMiss
+from sglang_cacheblend.srt.blend_request import BlendRequest, ChunkHit, ChunkLoad, ChunkMiss
+from sglang_cacheblend.srt.loading_controller import POOL
+from sglang_cacheblend.srt.pool_chunk_io import check_fits_pool
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
 
     from radix_ext import ChunkIndex, ChunkMatch, ChunkNamespace, LockResult
     from sglang_cacheblend.srt.chunk_request import ChunkRequest
+    from sglang_cacheblend.srt.loading_controller import LoadingController
+    from sglang_cacheblend.store import ChunkStore
 
 __all__ = ["ChunkAdmission", "ChunkCache", "RequestChunks"]
 
@@ -56,6 +66,10 @@ class ChunkCache(Protocol):
     insert_chunk: Callable[..., Any]
     chunk_namespace: Callable[..., ChunkNamespace]
     free_kv_row: Callable[..., Any]
+    chunk_store: ChunkStore | None
+    loading_controller: LoadingController
+    controller_sets_ratio: bool
+    store_key: Callable[..., str]
 
 
 @dataclass
@@ -63,15 +77,15 @@ class RequestChunks:
     """What the scheduler side decided for one admitted chunked request.
 
     ``report`` is its accounting (``meta_info["cacheblend"]``); ``blend`` the blend the model
-    runs, if any; ``pending`` the missed chunks whose slots were allocated and that have not
-    reached the index yet (freed on release if they never do).
+    runs, if any; ``pending`` the missed or loaded chunks whose slots were allocated and that
+    have not reached the index yet (freed on release if they never do).
     """
 
     request: ChunkRequest
     namespace: ChunkNamespace
     report: dict[str, object]
     blend: BlendRequest | None = None
-    pending: dict[int, ChunkMiss] = field(default_factory=dict)
+    pending: dict[int, ChunkMiss | ChunkLoad] = field(default_factory=dict)
 
 
 class ChunkAdmission:
@@ -162,12 +176,83 @@ class ChunkAdmission:
         hits = tuple(ChunkHit(m.start, m.end, m.kv_loc, m.positions)
                      for i, m in enumerate(matches) if m.hit and i not in stale)
         missed = [m for i, m in enumerate(matches) if not m.hit or i in stale]
+        loads, missed = self._load_from_store(req, state, missed, remaining_tokens)
         misses = self._allocate_misses(req, state, missed, remaining_tokens)
-        if not hits and not misses:
+        if not hits and not misses and not loads:
             return "no free KV slots to compute the missed chunks standalone"
-        state.blend = BlendRequest(hits, state.request.blend, misses=misses,
-                                   prompt_len=len(req.origin_input_ids))
+        sources = Counter({POOL: sum(h.end - h.start for h in hits)})
+        for load in loads:
+            sources[load.tier] += load.end - load.start
+        state.report["chunk_sources"] = {
+            POOL: len(hits), **Counter(load.tier for load in loads),
+            "computed": len(misses), "recomputed_in_place": len(missed) - len(misses)}
+        config = self._choose_ratio(state, sources)
+        state.blend = BlendRequest(hits, config, misses=misses,
+                                   prompt_len=len(req.origin_input_ids), loads=loads)
         return ""
+
+    def _choose_ratio(self, state: RequestChunks, sources: Counter) -> Any:
+        """The request's blend config, with the Loading Controller's ratio when it sets it."""
+        config = state.request.blend
+        cache = self._cache
+        if not cache.controller_sets_ratio:
+            return config
+        if config.gradual:
+            state.report["ratio_policy"] = "fixed (a gradual schedule keeps its own ratios)"
+            return config
+        choice = cache.loading_controller.choose(sources)
+        state.report.update(choice.report())
+        return dataclasses.replace(config, recompute_ratio=choice.ratio)
+
+    def _load_from_store(self, req: Req, state: RequestChunks, missed: Sequence[ChunkMatch],
+                         remaining_tokens: Callable[[], int],
+                         ) -> tuple[tuple[ChunkLoad, ...], list[ChunkMatch]]:
+        """Chunks the pool missed but a tier below it holds: read now, with fresh slots that
+        the forward fills layer by layer. Returns the loads and the chunks still missing.
+
+        Slots come out of the same live budget as misses; a chunk that does not fit, or whose
+        stored entry does not fit this pool, stays a miss (computed, never served wrong).
+        """
+        cache = self._cache
+        store = cache.chunk_store
+        if store is None or not missed:
+            return (), list(missed)
+        allocator = cache.token_to_kv_pool_allocator
+        pool = allocator.get_kvcache()
+        loads, still_missed = [], []
+        read_s = Counter()
+        read_tokens = Counter()
+        for match in missed:
+            n = match.end - match.start
+            token_ids = req.origin_input_ids[match.start:match.end]
+            hit = None if n > remaining_tokens() else store.get(
+                cache.store_key(state.namespace, token_ids))
+            why = "" if hit is None else check_fits_pool(hit.kv, pool, token_ids)
+            if why:
+                logger.warning("request %s: stored chunk [%d, %d) from the %s tier not used (%s); "
+                               "recomputed", req.rid, match.start, match.end, hit.tier, why)
+            if hit is None or why:
+                still_missed.append(match)
+                continue
+            if allocator.available_size() < n:
+                cache.evict(EvictParams(num_tokens=n - allocator.available_size()))
+            slots = allocator.alloc(n)
+            if slots is None:
+                still_missed.append(match)
+                continue
+            load = ChunkLoad(match.start, match.end, torch.tensor(token_ids, dtype=torch.int64),
+                             slots, hit.kv, hit.tier)
+            state.pending[id(load)] = load
+            loads.append(load)
+            read_s[hit.tier] += hit.read_s
+            read_tokens[hit.tier] += n
+        layers = int(pool.layer_num)
+        for tier, seconds in read_s.items():
+            cache.loading_controller.observe_read(tier, tokens=read_tokens[tier], layers=layers,
+                                                  seconds=seconds)
+        if loads:
+            state.report["store_read_s"] = round(sum(read_s.values()), 6)
+        return tuple(loads), still_missed
 
     def _allocate_misses(self, req: Req, state: RequestChunks, misses: Sequence[ChunkMatch],
                          remaining_tokens: Callable[[], int]) -> tuple[ChunkMiss, ...]:
@@ -229,6 +314,26 @@ class ChunkAdmission:
         )
         if result.redundant_loc is not None:
             allocator.free_segment(result.redundant_loc, start_pos=0)
+
+    def store_loaded_chunk(self, rid: Hashable, load: ChunkLoad) -> None:
+        """Take a chunk loaded from a tier below the pool (now in its slots) into the index,
+        locked for ``rid`` like a hit; not written back to the tiers (it came from them)."""
+        state = self._requests.get(rid)
+        if state is None or state.pending.pop(id(load), None) is None:
+            raise KeyError(f"request {rid}: chunk [{load.start}, {load.end}) is not pending")
+        result = self._cache.insert_chunk(state.namespace, load.token_ids.tolist(), load.kv_loc,
+                                          load.kv.positions.clone(), rid=rid, persist=False)
+        if result.redundant_loc is not None:
+            self._cache.token_to_kv_pool_allocator.free_segment(result.redundant_loc,
+                                                                start_pos=0)
+
+    def record_load(self, rid: Hashable, *, tokens: int, load_s: float, wait_s: float,
+                    compute_s: float, computed_rows: int) -> None:
+        """A blended forward's measured speeds, for the Loading Controller."""
+        controller = self._cache.loading_controller
+        layers = int(self._cache.token_to_kv_pool_allocator.get_kvcache().layer_num)
+        controller.observe_seed(tokens=tokens, layers=layers, seconds=load_s)
+        controller.observe_compute(rows=computed_rows, seconds=compute_s)
 
     def finish_forward(self, rid: Hashable, *, blended: bool, reason: str = "") -> None:
         """After the request's extend forward: drop its blend (no later forward of it blends),
@@ -293,9 +398,10 @@ class ChunkAdmission:
 
     def _free_pending(self, state: RequestChunks) -> None:
         allocator = self._cache.token_to_kv_pool_allocator
-        for miss in state.pending.values():
-            allocator.free_segment(miss.sink_loc, start_pos=0)
-            allocator.free_segment(miss.kv_loc, start_pos=0)
+        for pending in state.pending.values():
+            if isinstance(pending, ChunkMiss):
+                allocator.free_segment(pending.sink_loc, start_pos=0)
+            allocator.free_segment(pending.kv_loc, start_pos=0)
         state.pending.clear()
 
     def reset(self) -> None:

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from sglang_cacheblend.config import BlendConfig
+from sglang_cacheblend.store.entry import ChunkKV
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,37 @@ class ChunkMiss:
         return torch.arange(offset, offset + self.end - self.start)
 
 
+@dataclass(frozen=True, eq=False)
+class ChunkLoad:
+    """A prompt span ``[start, end)`` whose chunk KV was found below the pool (``tier``).
+
+    ``kv`` (CPU, every layer) is written into ``kv_loc``, fresh slots the cache allocated, layer
+    by layer during the forward; then it is reused like a hit and handed to the index.
+    """
+
+    start: int
+    end: int
+    token_ids: torch.Tensor  # (end - start,) int64, CPU
+    kv_loc: torch.Tensor  # (end - start,) int64
+    kv: ChunkKV
+    tier: str
+
+    def __post_init__(self) -> None:
+        n = self.end - self.start
+        if n <= 0 or self.token_ids.shape != (n,) or self.kv_loc.shape != (n,) or (
+                self.kv.k.shape[1] != n):
+            raise ValueError(f"ChunkLoad [{self.start}, {self.end}) needs token_ids, kv_loc "
+                             f"and KV of {n} tokens")
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Positions the stored keys were rotated at."""
+        return self.kv.positions
+
+    def as_hit(self) -> ChunkHit:
+        return ChunkHit(self.start, self.end, self.kv_loc, self.kv.positions)
+
+
 @dataclass(frozen=True)
 class BlendRequest:
     """One request's blend: chunk hits and misses (sorted, disjoint) and the config.
@@ -81,11 +113,12 @@ class BlendRequest:
     config: BlendConfig
     misses: tuple[ChunkMiss, ...] = ()
     prompt_len: int | None = None
+    loads: tuple[ChunkLoad, ...] = ()
 
     @property
     def reused_tokens(self) -> int:
-        """Tokens whose KV comes from chunk KV (cached, or computed standalone now)."""
-        return sum(c.end - c.start for c in (*self.hits, *self.misses))
+        """Tokens whose KV comes from chunk KV (cached, loaded, or computed standalone now)."""
+        return sum(c.end - c.start for c in (*self.hits, *self.misses, *self.loads))
 
 
 class BlendRequestSource(Protocol):
@@ -97,6 +130,13 @@ class BlendRequestSource(Protocol):
 
     def store_computed_chunk(self, rid: str, miss: ChunkMiss) -> None:
         """Hand a missed chunk's standalone KV, now computed, to the chunk index."""
+
+    def store_loaded_chunk(self, rid: str, load: ChunkLoad) -> None:
+        """Hand a chunk loaded from a lower tier, now in its pool slots, to the chunk index."""
+
+    def record_load(self, rid: str, *, tokens: int, load_s: float, wait_s: float,
+                    compute_s: float, computed_rows: int) -> None:
+        """Measured speeds of one blended forward (the Loading Controller's input)."""
 
     def finish_forward(self, rid: str, *, blended: bool, reason: str = "") -> None:
         """The request's extend ran (blended, or not and why): its chunk locks may go."""

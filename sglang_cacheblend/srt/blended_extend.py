@@ -6,8 +6,10 @@ SGLang's stock forward unchanged; an extend batch holding a blended request runs
 
 1. each missed chunk standalone (after the sink) into slots the cache allocated, then hands it to
    the chunk index, so the next request hits it;
-2. every chunk's KV (hit or just computed) copied into the request's own slots, K RoPE-realigned
-   to the chunk's place in this prompt (:meth:`PoolKVStore.seed_chunks`);
+2. every chunk's KV (a pool hit, a miss just computed, or a chunk loaded from a tier below the
+   pool) copied into the request's own slots, K RoPE-realigned to the chunk's place in this
+   prompt, layer by layer on a loader thread while the layers before it compute
+   (:mod:`.layer_loader`);
 3. :func:`sglang_cacheblend.blend.forward.blend_layers` on SGLang's own modules and KV pool;
 
 then SGLang's logits processor, so sampling and decode are untouched. Right after, the cache's
@@ -33,7 +35,9 @@ from sglang_cacheblend.blend.forward import blend_layers
 from sglang_cacheblend.blend.rotary_config import RotaryConfig
 from sglang_cacheblend.config import BlendConfig
 from sglang_cacheblend.srt.blend_request import BlendRequest, BlendRequestSource, ChunkHit
+from sglang_cacheblend.srt.layer_loader import ChunkSeeder, LayerPipeline
 from sglang_cacheblend.srt.pool_kv_store import PoolKVStore
+from sglang_cacheblend.srt.server_options import current_options
 from sglang_cacheblend.srt.sglang_decoder import SGLangDecoderOps
 
 logger = logging.getLogger(__name__)
@@ -59,6 +63,7 @@ class BlendedExtendMixin:
         self._blend_source = source
         self._blend_ops = SGLangDecoderOps(self)
         self._blend_rotary = RotaryConfig.from_hf_config(self.config)
+        self._blend_pipelined = current_options().pipeline_loads
         self.last_blend_stats: dict[str, dict[str, float]] = {}
 
     @torch.no_grad()
@@ -128,6 +133,7 @@ class BlendedExtendMixin:
             store = PoolKVStore(pool, ops, slots, prefix_len)
             span = slice(offset, offset + extend_len)
             started = time.perf_counter()
+            self._last_load_times = None
             if request is not None:
                 try:
                     plan, standalone_s = self._blend_one(rid, request, hidden[span],
@@ -143,7 +149,10 @@ class BlendedExtendMixin:
                 standalone_s = 0.0
                 plan = blend_layers(ops, hidden[span], positions[span],
                                     torch.zeros(extend_len, dtype=torch.bool), store, _FULL)
+            times = self._last_load_times
             stats[rid] = {
+                "load_s": 0.0 if times is None else round(times.load_s, 6),
+                "load_wait_s": 0.0 if times is None else round(times.wait_s, 6),
                 "reused_tokens": plan.num_reused,
                 "recomputed_rows": plan.recomputed_rows,
                 "full_rows": plan.full_rows,
@@ -156,18 +165,37 @@ class BlendedExtendMixin:
 
     def _blend_one(self, rid: str, request: BlendRequest, hidden: torch.Tensor,
                    positions: torch.Tensor, store: PoolKVStore) -> tuple[Any, float]:
-        """Misses computed standalone, every chunk's KV seeded, the blended layers run."""
+        """Misses computed standalone, every chunk's KV seeded layer by layer (behind the
+        compute when pipelined), the blended layers run, the new chunks handed to the index."""
         started = time.perf_counter()
-        hits = [*request.hits, *self._compute_misses(request)]
+        computed = self._compute_misses(request)
         standalone_s = time.perf_counter() - started
-        reuse_mask = store.seed_chunks(hits, self._blend_rotary)
-        for miss in request.misses:
-            # Copied into this request's slots: the index may now own (or free) them.
-            self._blend_source.store_computed_chunk(rid, miss)
+        seeder = ChunkSeeder(store.pool, store.slots, store.prefix_len,
+                             [*request.hits, *computed], request.loads, self._blend_rotary)
+        reuse_mask = seeder.reuse_mask
         reuse_mask[-1] = False  # the last row's logits feed sampling: always computed
         config = request.config if bool(reuse_mask.any()) else _FULL
-        return blend_layers(self._blend_ops, hidden, positions, reuse_mask, store, config), \
-            standalone_s
+        blend_started = time.perf_counter()
+        pipeline = LayerPipeline(seeder, self._blend_ops.num_layers,
+                                 pipelined=self._blend_pipelined and not store.slots.is_cuda)
+        store.ready = pipeline.wait
+        try:
+            plan = blend_layers(self._blend_ops, hidden, positions, reuse_mask, store, config)
+        finally:
+            pipeline.close()
+            store.ready = None
+        blend_s = time.perf_counter() - blend_started
+        # Now copied into this request's slots: the index may own (or free) them.
+        for miss in request.misses:
+            self._blend_source.store_computed_chunk(rid, miss)
+        for load in request.loads:
+            self._blend_source.store_loaded_chunk(rid, load)
+        times = pipeline.times
+        self._blend_source.record_load(
+            rid, tokens=int(reuse_mask.sum()), load_s=times.load_s, wait_s=times.wait_s,
+            compute_s=max(blend_s - times.wait_s, 0.0), computed_rows=plan.recomputed_rows)
+        self._last_load_times = times
+        return plan, standalone_s
 
     def _compute_misses(self, request: BlendRequest) -> list[ChunkHit]:
         """Compute each missed chunk standalone (sink first) into its fresh slots.

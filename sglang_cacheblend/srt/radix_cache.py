@@ -63,12 +63,23 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 )
 from sglang.srt.mem_cache.radix_cache import RadixCache
 
-from radix_ext import ChunkIndex, ChunkNamespace, ChunkStats, InsertChunkResult, TokenIds
+from radix_ext import (
+    ChunkIndex,
+    ChunkNamespace,
+    ChunkStats,
+    EvictedChunk,
+    InsertChunkResult,
+    TokenIds,
+)
 from sglang_cacheblend.srt.admission import ChunkAdmission
 from sglang_cacheblend.srt.blend_settings import check_fits_model
 from sglang_cacheblend.srt.chunk_request import chunk_request_of
+from sglang_cacheblend.srt.loading_controller import LoadingController
+from sglang_cacheblend.srt.pool_chunk_io import read_chunk_kv
 from sglang_cacheblend.srt.server_options import current_options
 from sglang_cacheblend.srt.supported_setups import refuse_unsupported_setups
+from sglang_cacheblend.store import ChunkStore, chunk_key
+from sglang_cacheblend.store.config import build_store
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
@@ -89,6 +100,11 @@ class CacheBlendRadixCache(RadixCache):
         Model identity for chunk namespaces (path plus revision).
     rope : tuple[tuple[str, Hashable], ...]
         Rotary configuration for chunk namespaces, sorted ``(name, value)`` pairs.
+    chunk_store : ChunkStore, optional
+        Tiers below the pool: evicted chunks spill there, computed chunks are written through,
+        and admission loads pool misses back from them.
+    controller : LoadingController, optional
+        Measures load and compute speeds; picks the recompute ratio when ``controller_sets_ratio``.
     """
 
     def __init__(
@@ -97,9 +113,18 @@ class CacheBlendRadixCache(RadixCache):
         *,
         model_id: str = "model",
         rope: tuple[tuple[str, Hashable], ...] = (),
+        chunk_store: ChunkStore | None = None,
+        controller: LoadingController | None = None,
+        controller_sets_ratio: bool = False,
     ) -> None:
         # RadixCache.__init__ calls reset(), which resets the index: create the index first.
-        self.chunk_index = ChunkIndex(params.token_to_kv_pool_allocator, clock=time.monotonic)
+        self.chunk_store = chunk_store
+        self.loading_controller = controller or LoadingController(floor=0.15, ceiling=0.5)
+        self.controller_sets_ratio = controller_sets_ratio
+        self.spill_failures = 0
+        self.chunk_index = ChunkIndex(
+            params.token_to_kv_pool_allocator, clock=time.monotonic,
+            on_evict=None if chunk_store is None else self._spill)
         self.admission = ChunkAdmission(self)
         self._model_id = model_id
         self._rope = rope
@@ -121,23 +146,59 @@ class CacheBlendRadixCache(RadixCache):
         positions: int | torch.Tensor,
         *,
         rid: Hashable | None = None,
+        persist: bool = True,
     ) -> InsertChunkResult:
         """Hand a standalone chunk's slots to the index (see :meth:`radix_ext.ChunkIndex.insert`).
 
-        ``kv_loc``: shape ``(chunk_len,)``, int64, on the pool allocator's device; ``positions``:
-        the start position or per-token absolute positions the KV was computed at. For a chunk
-        already cached, ``redundant_loc`` holds the caller's slots, which the caller frees. With
-        ``rid`` the entry is locked for that request too.
+        ``kv_loc``: shape ``(chunk_len,)``, int64, on the pool allocator's device, holding the
+        chunk's KV already; ``positions``: the start position or per-token absolute positions
+        the KV was computed at. For a chunk already cached, ``redundant_loc`` holds the
+        caller's slots, which the caller frees. With ``rid`` the entry is locked for that
+        request too. A new chunk is written through to the store's persistent tiers unless
+        ``persist`` is false (a chunk loaded from them).
         """
         if self.page_size != 1:
             raise ValueError(
                 f"chunk KV needs page_size 1 (slots are freed per chunk), got {self.page_size}"
             )
-        return self.chunk_index.insert(namespace, token_ids, kv_loc, positions, rid=rid)
+        result = self.chunk_index.insert(namespace, token_ids, kv_loc, positions, rid=rid)
+        store = self.chunk_store
+        if persist and result.inserted and store is not None and store.writes_through:
+            try:
+                kv = read_chunk_kv(self.token_to_kv_pool_allocator.get_kvcache(),
+                                   result.kv_loc, result.positions, list(token_ids))
+                store.persist(self.store_key(namespace, token_ids), kv)
+            except Exception:  # noqa: BLE001 - the chunk stays in the pool; serving goes on
+                logger.exception("chunk KV write-through failed")
+        return result
+
+    @staticmethod
+    def store_key(namespace: Hashable, token_ids: TokenIds) -> str:
+        """The chunk's key in the store's tiers (stable across processes and servers)."""
+        return chunk_key(namespace, token_ids)
+
+    def _spill(self, evicted: EvictedChunk) -> None:
+        """The index evicts a chunk: copy its KV to the store before its slots are freed."""
+        try:
+            token_ids = evicted.token_ids
+            kv = read_chunk_kv(self.token_to_kv_pool_allocator.get_kvcache(), evicted.kv_loc,
+                               evicted.positions, token_ids)
+            self.chunk_store.spill(self.store_key(evicted.namespace, token_ids), kv)
+        except Exception:  # noqa: BLE001 - eviction must go on; the chunk is just recomputed
+            self.spill_failures += 1
+            logger.exception("spilling an evicted chunk to the store failed")
 
     def chunk_stats(self) -> ChunkStats:
         """Hits, misses, inserts, evictions and sizes of the chunk index (tokens)."""
         return self.chunk_index.stats()
+
+    def store_report(self) -> dict[str, object]:
+        """The store's tiers and writer, and the Loading Controller's speeds (``/server_info``)."""
+        report: dict[str, object] = {"controller": self.loading_controller.snapshot(),
+                                     "controller_sets_ratio": self.controller_sets_ratio}
+        if self.chunk_store is not None:
+            report.update(self.chunk_store.stats(), spill_failures=self.spill_failures)
+        return report
 
     def admit_chunks(self, req: Req, *, remaining_tokens: Callable[[], int]) -> None:
         """Called when SGLang admits ``req`` to prefill: its chunks' admission (see
@@ -298,8 +359,12 @@ def create_cacheblend_cache(ctx: TreeCacheBuildContext) -> CacheBlendRadixCache:
     if num_layers is not None:
         check_fits_model(options.blend, num_layers,
                          what="--cacheblend-check-layer / --cacheblend-gradual-end-layer")
+    controller = LoadingController(floor=options.controller_min_ratio,
+                                   ceiling=options.controller_max_ratio)
     cache = CacheBlendRadixCache(
-        ctx.params, model_id=_model_id(ctx.model_config), rope=_rope_signature(ctx.model_config)
+        ctx.params, model_id=_model_id(ctx.model_config), rope=_rope_signature(ctx.model_config),
+        chunk_store=build_store(options.store), controller=controller,
+        controller_sets_ratio=options.ratio_policy == "controller",
     )
     model = ctx.tp_worker.model_runner.model if ctx.tp_worker is not None else None
     attach = getattr(model, "attach_blend_source", None)

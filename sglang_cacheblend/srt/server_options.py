@@ -18,6 +18,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from sglang_cacheblend.config import BlendConfig
+from sglang_cacheblend.store.config import StoreConfig
 from sglang_cacheblend.srt.supported_setups import refuse_unsupported_setups
 
 ENV_VAR = "SGLANG_CACHEBLEND_OPTIONS"
@@ -42,12 +43,25 @@ class ServerOptions:
     blend: BlendConfig = field(default_factory=BlendConfig)
     max_chunks: int = 256
     min_chunk_tokens: int = 16
+    store: StoreConfig = field(default_factory=StoreConfig)
+    pipeline_loads: bool = True
+    ratio_policy: str = "fixed"
+    controller_min_ratio: float = 0.15
+    controller_max_ratio: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("max_chunks", "min_chunk_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ServerOptions.{name} must be an int >= 1, got {value!r}")
+        if self.ratio_policy not in RATIO_POLICIES:
+            raise ValueError(f"ServerOptions.ratio_policy must be one of {RATIO_POLICIES}, got "
+                             f"{self.ratio_policy!r}")
+        lo, hi = self.controller_min_ratio, self.controller_max_ratio
+        if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float))
+                and 0.0 <= lo <= hi <= 1.0):
+            raise ValueError(f"ServerOptions.controller_min_ratio/controller_max_ratio need "
+                             f"0 <= min <= max <= 1, got {lo!r}, {hi!r}")
 
     def to_env(self) -> str:
         values = asdict(self)
@@ -62,7 +76,8 @@ class ServerOptions:
             values = json.loads(raw)
             blend = dict(values.pop("blend"))
             blend["gradual"] = tuple(tuple(step) for step in blend.get("gradual", ()))
-            return cls(blend=BlendConfig(**blend), **values)
+            store = StoreConfig(**values.pop("store", {}))
+            return cls(blend=BlendConfig(**blend), store=store, **values)
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{ENV_VAR} is malformed: {exc}") from exc
 
@@ -82,6 +97,8 @@ def _parse_options(raw: str) -> ServerOptions:
 
 
 _DEFAULTS = BlendConfig()
+_STORE = StoreConfig()
+RATIO_POLICIES = ("fixed", "controller")
 
 # (flag, namespace attribute, argparse kwargs); the attribute names are ours alone, prefixed so
 # they can never collide with a ServerArgs field.
@@ -113,6 +130,36 @@ _FLAGS: tuple[tuple[str, str, dict], ...] = (
     ("--cacheblend-min-chunk-tokens", "cacheblend_min_chunk_tokens",
      dict(type=int, default=ServerOptions.min_chunk_tokens,
           help="Fewest tokens a chunk may have (fewer: HTTP 400).")),
+    ("--cacheblend-host-tier-mb", "cacheblend_host_mb",
+     dict(type=int, default=_STORE.host_mb,
+          help="Host-RAM tier for chunk KV the pool evicts, in MiB (0: off).")),
+    ("--cacheblend-disk-tier-dir", "cacheblend_disk_dir",
+     dict(type=str, default=None,
+          help="Folder of the disk tier (one checked safetensors file per chunk; survives "
+               "restarts). Off when unset.")),
+    ("--cacheblend-disk-tier-mb", "cacheblend_disk_mb",
+     dict(type=int, default=_STORE.disk_mb, help="Size limit of the disk tier, in MiB.")),
+    ("--cacheblend-store-policy", "cacheblend_policy",
+     dict(type=str, default=_STORE.policy, choices=("write-through", "spill"),
+          help="write-through: computed chunks go to the disk/Mooncake tiers at once; spill: "
+               "only what the host tier evicts does.")),
+    ("--cacheblend-mooncake-master", "cacheblend_mooncake_master",
+     dict(type=str, default=None,
+          help="Mooncake master 127.0.0.1:PORT: share chunk KV with other servers.")),
+    ("--cacheblend-mooncake-metadata", "cacheblend_mooncake_metadata",
+     dict(type=str, default=None,
+          help="Mooncake metadata server URL (http://127.0.0.1:PORT/metadata).")),
+    ("--cacheblend-no-pipeline", "cacheblend_no_pipeline",
+     dict(action="store_true",
+          help="Load every chunk's KV before the first layer, not layer by layer.")),
+    ("--cacheblend-ratio-policy", "cacheblend_ratio_policy",
+     dict(type=str, default="fixed", choices=RATIO_POLICIES,
+          help="controller: the Loading Controller picks the recompute ratio that hides "
+               "behind loading, from measured speeds (within the min/max ratios).")),
+    ("--cacheblend-controller-min-ratio", "cacheblend_controller_min_ratio",
+     dict(type=float, default=0.15, help="Quality floor of the controller's ratio.")),
+    ("--cacheblend-controller-max-ratio", "cacheblend_controller_max_ratio",
+     dict(type=float, default=0.5, help="Ceiling of the controller's ratio.")),
 )
 
 
@@ -153,17 +200,37 @@ def pop_from_namespace(args: argparse.Namespace) -> ServerOptions:
         flag = next((f for f, dest, _ in _FLAGS if dest.removeprefix("cacheblend_") in str(exc)),
                     "--cacheblend-*")
         raise ValueError(f"{flag}: {exc}") from exc
+    store_values = {name: values[f"cacheblend_{name}"] for name in (
+        "host_mb", "disk_dir", "disk_mb", "policy", "mooncake_master", "mooncake_metadata")
+        if f"cacheblend_{name}" in values}
+    try:
+        store = StoreConfig(**store_values)
+    except ValueError as exc:
+        raise ValueError(f"{_flag_named_in(exc)}: {exc}") from exc
     try:
         return ServerOptions(
             enabled=values.get("cacheblend_enabled", False), blend=blend,
             max_chunks=values.get("cacheblend_max_chunks", ServerOptions.max_chunks),
             min_chunk_tokens=values.get("cacheblend_min_chunk_tokens",
                                         ServerOptions.min_chunk_tokens),
+            store=store,
+            pipeline_loads=not values.get("cacheblend_no_pipeline", False),
+            ratio_policy=values.get("cacheblend_ratio_policy", "fixed"),
+            controller_min_ratio=values.get("cacheblend_controller_min_ratio", 0.15),
+            controller_max_ratio=values.get("cacheblend_controller_max_ratio", 0.5),
         )
     except ValueError as exc:
-        flag = "--cacheblend-max-chunks" if "max_chunks" in str(exc) else (
-            "--cacheblend-min-chunk-tokens")
-        raise ValueError(f"{flag}: {exc}") from exc
+        raise ValueError(f"{_flag_named_in(exc)}: {exc}") from exc
+
+
+def _flag_named_in(exc: ValueError) -> str:
+    """The flag whose attribute an error message names (longest match first)."""
+    text = str(exc)
+    named = [(flag, dest.removeprefix("cacheblend_")) for flag, dest, _ in _FLAGS]
+    for flag, attr in sorted(named, key=lambda fa: -len(fa[1])):
+        if attr in text:
+            return flag
+    return "--cacheblend-*"
 
 
 def apply_to_server_args(args: argparse.Namespace) -> ServerOptions:

@@ -55,4 +55,7 @@ def _report(scheduler: Any, options: Any) -> dict[str, Any]:
     chunk_stats = getattr(tree_cache, "chunk_stats", None)
     if callable(chunk_stats):
         report["chunk_index"] = asdict(chunk_stats())
+    store_report = getattr(tree_cache, "store_report", None)
+    if callable(store_report):
+        report["store"] = store_report()
     return report

@@ -1,13 +1,16 @@
 """The KV Cache Store below SGLang's token pool: chunk KV kept in host RAM and on local disk.
 
 Pure torch (no SGLang): a tier holds :class:`~.entry.ChunkKV` under a :func:`~.entry.chunk_key`
-and says what it evicted, so a caller can spill an entry one tier down. The SGLang side (spill
-on pool eviction, load-back into pool slots inside admission's budget) is not wired yet.
+and says what it evicted, so a caller can spill an entry one tier down; :class:`ChunkStore`
+chains the tiers. The SGLang side (spill on pool eviction, write-through of computed chunks,
+load-back into pool slots inside admission's budget) is ``sglang_cacheblend.srt.radix_cache``
+and ``sglang_cacheblend.srt.admission``.
 """
 
+from sglang_cacheblend.store.chunk_store import ChunkStore, StoreHit
 from sglang_cacheblend.store.disk_tier import DiskTier
 from sglang_cacheblend.store.entry import ChunkKV, chunk_key
 from sglang_cacheblend.store.host_tier import HostTier
 from sglang_cacheblend.store.tier import KVTier, TierStats
 
-__all__ = ["ChunkKV", "DiskTier", "HostTier", "KVTier", "TierStats", "chunk_key"]
+__all__ = ["ChunkKV", "ChunkStore", "DiskTier", "StoreHit", "HostTier", "KVTier", "TierStats", "chunk_key"]
