@@ -192,6 +192,8 @@ def test_client_envelopes_read_back():
     assert (tuned.recompute_ratio, tuned.selector, tuned.gradual) == (0.3, "v_deviation",
                                                                        ((1, 0.3),))
     assert tuned.overrides_blend and not action.overrides_blend
+    auto = read_client_action(_triples(chunk_hints([(0, 4)], ratio_policy="controller")))
+    assert auto.ratio_policy == "controller" and not auto.overrides_blend
 
 
 @pytest.mark.parametrize(
@@ -208,6 +210,9 @@ def test_client_envelopes_read_back():
         ([(ACTION_CHUNKS, "1", {"spans": [[0, 2]], "recompute_ratio": float("nan")})],
          "recompute_ratio"),
         ([(ACTION_CHUNKS, "1", {"spans": [[0, 2]], "gradual": [[1, 2.0]]})], "gradual"),
+        ([(ACTION_CHUNKS, "1", {"spans": [[0, 2]], "ratio_policy": "auto"})], "ratio_policy"),
+        ([(ACTION_CHUNKS, "1", {"spans": [[0, 2]], "ratio_policy": "controller",
+                                "recompute_ratio": 0.2})], "controller' picks the ratio"),
     ],
 )
 def test_bad_client_actions_are_named(actions, message):

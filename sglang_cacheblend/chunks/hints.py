@@ -36,16 +36,19 @@ def chunk_hints(
     recompute_ratio: float | None = None,
     selector: str | None = None,
     gradual: Sequence[tuple[int, float]] | None = None,
+    ratio_policy: str | None = None,
     message_id: str = "cacheblend",
 ) -> dict[str, Any]:
     """A ``kv_hints`` envelope marking ``[start, end)`` spans of ``input_ids`` as chunks.
 
     ``recompute_ratio``, ``selector`` and ``gradual`` (``[(layer, ratio), ...]``) override the
-    server's blend settings for this request only.
+    server's blend settings for this request only; ``ratio_policy="controller"`` lets the
+    server's Loading Controller pick the ratio (``"fixed"``: never).
     """
     payload: dict[str, Any] = {"spans": [[int(s), int(e)] for s, e in spans]}
     overrides = {"recompute_ratio": recompute_ratio, "selector": selector,
-                 "gradual": None if gradual is None else [[int(l), float(r)] for l, r in gradual]}
+                 "gradual": None if gradual is None else [[int(l), float(r)] for l, r in gradual],
+                 "ratio_policy": ratio_policy}
     payload.update({k: v for k, v in overrides.items() if v is not None})
     return envelope(ACTION_CHUNKS, payload, message_id)
 
@@ -66,7 +69,8 @@ def envelope(action_type: str, payload: dict[str, Any], message_id: str) -> dict
     return {"protocol_version": "1", "message_id": message_id, "actions": [action]}
 
 
-_PAYLOAD_KEYS = frozenset({"spans", "recompute_ratio", "selector", "gradual"})
+_PAYLOAD_KEYS = frozenset({"spans", "recompute_ratio", "selector", "gradual", "ratio_policy"})
+RATIO_POLICIES = ("fixed", "controller")
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,7 @@ class ClientAction:
     recompute_ratio: float | None = None
     selector: str | None = None
     gradual: tuple[tuple[int, float], ...] | None = None
+    ratio_policy: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "spans", validate_spans(self.spans, _max_end(self.spans)))
@@ -100,6 +105,13 @@ class ClientAction:
             )
         if self.gradual is not None:
             object.__setattr__(self, "gradual", _gradual_steps(self.gradual))
+        if self.ratio_policy is not None and self.ratio_policy not in RATIO_POLICIES:
+            raise ValueError(f"ratio_policy must be one of {list(RATIO_POLICIES)}, got "
+                             f"{self.ratio_policy!r}")
+        if self.ratio_policy == "controller" and (
+                self.recompute_ratio is not None or self.gradual is not None):
+            raise ValueError("ratio_policy 'controller' picks the ratio: give no "
+                             "recompute_ratio or gradual with it")
 
     @property
     def overrides_blend(self) -> bool:
@@ -136,7 +148,8 @@ def read_client_action(actions: Iterable[tuple[str, str, Any]]) -> ClientAction 
     if not isinstance(spans, (list, tuple)):  # ClientAction checks each span
         raise ValueError(f"chunk spans must be a list of [start, end] pairs, got {spans!r}")
     return ClientAction(False, tuple(spans), payload.get("recompute_ratio"),
-                        payload.get("selector"), payload.get("gradual"))
+                        payload.get("selector"), payload.get("gradual"),
+                        payload.get("ratio_policy"))
 
 
 def _is_unit_number(value: Any) -> bool:

@@ -31,6 +31,10 @@ takes hours::
     sglang-cacheblend bench --chunks 2 6 12 --chunk-sizes 256 512 1024 --reps 3 \\
         --concurrency 4 --rates 0.1 0.2 0.5 --load-requests 16 --load-seconds 300
 
+``--tiers pool host disk [mooncake]`` runs the chunk-tier benchmark instead
+(:mod:`.bench_tiers`): TTFT with every chunk in the pool, host RAM, disk or Mooncake, with and
+without layer pipelining.
+
 This module builds the workloads and runs the modes; :mod:`.load` holds the HTTP client and the
 load loops, :mod:`.bench_report` the summaries, ratios and written outputs.
 """
@@ -53,6 +57,7 @@ from typing import Any
 from tqdm import tqdm
 
 from sglang_cacheblend.chunks import ChunkedPrompt, Encode
+from sglang_cacheblend.eval import bench_tiers
 from sglang_cacheblend.eval.bench_report import BASELINES, write_outputs
 from sglang_cacheblend.eval.dataset import (
     DEFAULT_DATA_PATH,
@@ -254,6 +259,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, default=0)
     add("--out", type=Path, default=REPO_ROOT / "docs" / "results")
     add("--name", default="bench", help="file stem of the outputs")
+    bench_tiers.add_arguments(parser)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -279,6 +285,8 @@ def run(args: argparse.Namespace, server_args: Sequence[str] = ()) -> dict[str, 
     from sglang_cacheblend.embedded_model import ensure_model
 
     check_arguments(args)
+    if args.tiers:
+        return bench_tiers.run(args, server_args)
     if args.url and server_args:
         raise ValueError(f"server flags {list(server_args)} need a server started here, not --url")
     model_path = args.model_path or ensure_model(getattr(args, "cache_dir", None))

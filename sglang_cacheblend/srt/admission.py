@@ -68,7 +68,6 @@ class ChunkCache(Protocol):
     free_kv_row: Callable[..., Any]
     chunk_store: ChunkStore | None
     loading_controller: LoadingController
-    controller_sets_ratio: bool
     store_key: Callable[..., str]
 
 
@@ -195,7 +194,7 @@ class ChunkAdmission:
         """The request's blend config, with the Loading Controller's ratio when it sets it."""
         config = state.request.blend
         cache = self._cache
-        if not cache.controller_sets_ratio:
+        if state.request.ratio_policy != "controller":
             return config
         if config.gradual:
             state.report["ratio_policy"] = "fixed (a gradual schedule keeps its own ratios)"

@@ -35,14 +35,19 @@ def config_digest(config: BlendConfig) -> str:
     return hashlib.blake2b(raw, digest_size=6).hexdigest()
 
 
-def blend_extra_key(extra_key: str | None, config: BlendConfig) -> str:
+def blend_extra_key(extra_key: str | None, config: BlendConfig, *,
+                    controller: bool = False) -> str:
     """The prefix-tree ``extra_key`` of a request blended with ``config``.
+
+    With ``controller`` the ratio is the Loading Controller's, chosen later: the key says
+    ``rauto`` instead of a ratio, so such KV is shared only among controller-blended requests.
 
     Keeps the caller's ``extra_key`` (LoRA adapter, caller classification) after a ``|``, so
     blended prefixes are shared only among requests of the same kind. The ``|`` is always
     there: SGLang appends a LoRA id to the key as is, and it must land on the caller's side.
     """
-    return f"{BLEND_KEY_PREFIX}r{config.recompute_ratio:g}:{config_digest(config)}|{extra_key or ''}"
+    ratio = "auto" if controller else f"{config.recompute_ratio:g}"
+    return f"{BLEND_KEY_PREFIX}r{ratio}:{config_digest(config)}|{extra_key or ''}"
 
 
 def is_blend_extra_key(extra_key: str | None) -> bool:

@@ -52,12 +52,16 @@ class ChunkRequest:
     blend : BlendConfig or None
         The request's effective blend settings (the server's with its own overrides), checked
         against the served model; None when the request does not blend (a precompute).
+    ratio_policy : str
+        "controller": the Loading Controller replaces ``blend.recompute_ratio`` at admission;
+        "fixed": it does not.
     """
 
     precompute: bool
     spans: tuple[Span, ...]
     sink: tuple[int, ...]
     blend: BlendConfig | None
+    ratio_policy: str = "fixed"
 
     @property
     def variant(self) -> str:
@@ -72,7 +76,7 @@ class ChunkRequest:
         """JSON-compatible form (SGLang sends requests to the scheduler as msgpack)."""
         blend = None if self.blend is None else dataclasses.asdict(self.blend)
         return {"precompute": self.precompute, "spans": [list(s) for s in self.spans],
-                "sink": list(self.sink), "blend": blend}
+                "sink": list(self.sink), "blend": blend, "ratio_policy": self.ratio_policy}
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> ChunkRequest:
@@ -82,7 +86,7 @@ class ChunkRequest:
             blend = BlendConfig(**{**blend, "gradual": tuple(map(tuple, blend["gradual"]))})
         spans = tuple((int(start), int(end)) for start, end in payload["spans"])
         return cls(bool(payload["precompute"]), spans, tuple(int(t) for t in payload["sink"]),
-                   blend)
+                   blend, str(payload.get("ratio_policy", "fixed")))
 
 
 def envelope_with(

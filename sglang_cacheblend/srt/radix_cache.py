@@ -104,7 +104,8 @@ class CacheBlendRadixCache(RadixCache):
         Tiers below the pool: evicted chunks spill there, computed chunks are written through,
         and admission loads pool misses back from them.
     controller : LoadingController, optional
-        Measures load and compute speeds; picks the recompute ratio when ``controller_sets_ratio``.
+        Measures load and compute speeds; picks the recompute ratio of the requests whose
+        ``ratio_policy`` is "controller" (the server's ``--cacheblend-ratio-policy`` or their own).
     """
 
     def __init__(
@@ -115,12 +116,10 @@ class CacheBlendRadixCache(RadixCache):
         rope: tuple[tuple[str, Hashable], ...] = (),
         chunk_store: ChunkStore | None = None,
         controller: LoadingController | None = None,
-        controller_sets_ratio: bool = False,
     ) -> None:
         # RadixCache.__init__ calls reset(), which resets the index: create the index first.
         self.chunk_store = chunk_store
         self.loading_controller = controller or LoadingController(floor=0.15, ceiling=0.5)
-        self.controller_sets_ratio = controller_sets_ratio
         self.spill_failures = 0
         self.chunk_index = ChunkIndex(
             params.token_to_kv_pool_allocator, clock=time.monotonic,
@@ -194,8 +193,7 @@ class CacheBlendRadixCache(RadixCache):
 
     def store_report(self) -> dict[str, object]:
         """The store's tiers and writer, and the Loading Controller's speeds (``/server_info``)."""
-        report: dict[str, object] = {"controller": self.loading_controller.snapshot(),
-                                     "controller_sets_ratio": self.controller_sets_ratio}
+        report: dict[str, object] = {"controller": self.loading_controller.snapshot()}
         if self.chunk_store is not None:
             report.update(self.chunk_store.stats(), spill_failures=self.spill_failures)
         return report
@@ -364,7 +362,6 @@ def create_cacheblend_cache(ctx: TreeCacheBuildContext) -> CacheBlendRadixCache:
     cache = CacheBlendRadixCache(
         ctx.params, model_id=_model_id(ctx.model_config), rope=_rope_signature(ctx.model_config),
         chunk_store=build_store(options.store), controller=controller,
-        controller_sets_ratio=options.ratio_policy == "controller",
     )
     model = ctx.tp_worker.model_runner.model if ctx.tp_worker is not None else None
     attach = getattr(model, "attach_blend_source", None)

@@ -79,6 +79,7 @@ class _Decided:
     sink: tuple[int, ...]
     envelope: KvHintsEnvelope | None
     blend: Any  # BlendConfig | None
+    ratio_policy: str = "fixed"
 
 
 async def tokenize_with_chunks(original: Callable[..., Any], manager: Any, obj: Any) -> Any:
@@ -96,7 +97,8 @@ async def tokenize_with_chunks(original: Callable[..., Any], manager: Any, obj: 
                                max_chunk_len=manager.context_len,
                                min_chunk_len=options.min_chunk_tokens,
                                max_chunks=options.max_chunks)
-        request = ChunkRequest(decided.precompute, spans, decided.sink, decided.blend)
+        request = ChunkRequest(decided.precompute, spans, decided.sink, decided.blend,
+                               decided.ratio_policy)
         tokenized.kv_hints = envelope_with(decided.envelope, request, obj.rid)
     return tokenized
 
@@ -148,7 +150,8 @@ def _decide(manager: Any, obj: GenerateReqInput, options: ServerOptions) -> _Dec
     else:
         precompute, spans = False, client.spans
     blend = None if precompute else _blend_settings(manager, obj, client, options)
-    return _Decided(precompute, spans, sink, envelope, blend)
+    policy = "fixed" if precompute else ratio_policy(options, client)
+    return _Decided(precompute, spans, sink, envelope, blend, policy)
 
 
 def _blend_settings(manager: Any, obj: GenerateReqInput, client: ClientAction | None,
@@ -159,8 +162,19 @@ def _blend_settings(manager: Any, obj: GenerateReqInput, client: ClientAction | 
     config = effective_config(options.blend, client)
     check_fits_model(config, manager.model_config.num_hidden_layers,
                      what="kv_hints cacheblend.chunks gradual/check layer")
-    obj.extra_key = blend_extra_key(obj.extra_key, config)
+    policy = ratio_policy(options, client)
+    obj.extra_key = blend_extra_key(obj.extra_key, config, controller=policy == "controller")
     return config
+
+
+def ratio_policy(options: ServerOptions, client: ClientAction | None) -> str:
+    """The request's own ``ratio_policy``; else "fixed" when it sets its own ratio or schedule
+    (an explicit ratio wins over the server's controller); else the server's."""
+    if client is not None and client.ratio_policy is not None:
+        return client.ratio_policy
+    if client is not None and (client.recompute_ratio is not None or client.gradual is not None):
+        return "fixed"
+    return options.ratio_policy
 
 
 def _is_one_chunk(segments: tuple[Segment, ...]) -> bool:

@@ -8,13 +8,18 @@ Where a chunk's KV goes
 - **Write-through** (a chunk was just computed: a precompute, a missed chunk, an ingest): to the
   persistent tiers at once, so a restart or another server finds it.
 - **Lookup** (a request misses the pool): host, then writes still queued, then disk, then the
-  shared tier; the first that has the chunk serves it.
+  shared tier; the first that has the chunk serves it. A host hit leaves the host tier (the
+  chunk moves back into the pool, and spills again when the pool evicts it): host RAM and the
+  pool never hold the same chunk twice.
 
 Persistent writes (encoding, checksumming, file or network I/O: tens of milliseconds for a
 512-token chunk) run on one writer thread, so SGLang's scheduler only pays for the copy out of
 the pool. A queued write is served from the queue until it lands. The queue is bounded: when it
 is full, a write is skipped and counted (the chunk stays computable), never blocking the
-scheduler. Each tier is used under its own lock (the writer thread and the scheduler share them).
+scheduler. The host tier is used by the scheduler thread only; a persistent tier is written by
+the writer thread while the scheduler reads it, so it must be safe for that (one writer, one
+reader) without making a read wait for a write's I/O: a read never waits on another chunk's
+write.
 """
 
 from __future__ import annotations
@@ -47,23 +52,27 @@ class StoreHit:
     read_s: float
 
 
-class _LockedTier:
-    """One tier and the lock every use of it takes."""
+class _NamedTier:
+    """A tier and the name reports and ``StoreHit.tier`` give it."""
 
     def __init__(self, name: str, tier: KVTier) -> None:
-        self.name, self.tier, self.lock = name, tier, threading.Lock()
+        self.name, self.tier = name, tier
 
     def get(self, key: str) -> ChunkKV | None:
-        with self.lock:
-            return self.tier.get(key)
+        return self.tier.get(key)
+
+    def take(self, key: str) -> ChunkKV | None:
+        """``get`` and, on a hit, ``remove``."""
+        kv = self.tier.get(key)
+        if kv is not None:
+            self.tier.remove(key)
+        return kv
 
     def put(self, key: str, kv: ChunkKV) -> list[tuple[str, ChunkKV]]:
-        with self.lock:
-            return self.tier.put(key, kv)
+        return self.tier.put(key, kv)
 
     def stats(self) -> TierStats:
-        with self.lock:
-            return self.tier.stats()
+        return self.tier.stats()
 
 
 class ChunkStore:
@@ -89,8 +98,8 @@ class ChunkStore:
             raise ValueError(f"policy must be 'write-through' or 'spill', got {policy!r}")
         if host is None and not persistent:
             raise ValueError("a ChunkStore needs at least one tier")
-        self._host = None if host is None else _LockedTier(HOST, host)
-        self._persistent = [_LockedTier(name, tier) for name, tier in persistent]
+        self._host = None if host is None else _NamedTier(HOST, host)
+        self._persistent = [_NamedTier(name, tier) for name, tier in persistent]
         self.policy: WritePolicy = policy
         self._queue: queue.Queue[tuple[str, ChunkKV] | None] = queue.Queue(max_queued_writes)
         self._queued: dict[str, ChunkKV] = {}
@@ -116,7 +125,7 @@ class ChunkStore:
         """The chunk from the first tier that holds it (never a damaged entry), or None."""
         started = time.perf_counter()
         if self._host is not None:
-            kv = self._host.get(key)
+            kv = self._host.take(key)
             if kv is not None:
                 return StoreHit(HOST, kv, time.perf_counter() - started)
         with self._queued_lock:

@@ -40,7 +40,7 @@ def _precompute(server, chunks) -> None:
         assert response.status_code == 200, response.text
 
 
-def _ask(server) -> tuple[list[int], dict]:
+def _ask(server, **hints) -> tuple[list[int], dict]:
     ids, spans = [1], []
     for chunk in reversed(CHUNKS):  # an order no precompute used
         spans.append((len(ids), len(ids) + len(chunk)))
@@ -48,7 +48,7 @@ def _ask(server) -> tuple[list[int], dict]:
     ids += QUESTION
     response = requests.post(server.base_url + "/generate", json={
         "input_ids": ids, "sampling_params": {"max_new_tokens": 8, "temperature": 0},
-        "kv_hints": chunk_hints(spans)}, timeout=TIMEOUT)
+        "kv_hints": chunk_hints(spans, **hints)}, timeout=TIMEOUT)
     assert response.status_code == 200, response.text
     (report,) = response.json()["meta_info"]["cacheblend"]
     assert report["blended"] is True, report
@@ -135,5 +135,14 @@ def test_a_restart_serves_the_disk_tier_and_drops_damaged_files(in_pool, model_p
         state = _settled(server)
         assert state["store"]["tiers"]["disk"]["dropped"] == 2
         _assert_nothing_leaked(state)
+
+        # The Loading Controller, asked per request, picks the ratio from what it measured.
+        requests.post(server.base_url + "/flush_cache", timeout=60).raise_for_status()
+        _, report = _ask(server, ratio_policy="controller")
+        assert report["ratio_policy"] == "controller" and report["chunk_sources"]["disk"] == 4
+        assert 0.15 <= report["recompute_ratio"] <= 0.5, report
+        assert report["controller_load_s_per_layer"] > 0, report  # disk was measured above
+        speeds = _state(server)["store"]["controller"]
+        assert speeds["compute_s_per_row"] > 0 and speeds["load_s_per_token_layer"]["disk"] > 0
     # The damaged entries were rewritten from the recomputed chunks, whole and valid.
     assert all(p.exists() for p in newest[:2])

@@ -1,0 +1,276 @@
+"""``sglang-cacheblend bench --tiers``: TTFT with every chunk in the pool, host RAM, disk, Mooncake.
+
+One server per loading mode (layer-pipelined, and ``--cacheblend-no-pipeline``), each with a
+small pool, a host-RAM tier and a disk tier (and Mooncake when its flags are given: run the
+command inside a private network namespace, see :mod:`sglang_cacheblend.store.netns`). Each
+repetition, on one server and in this order:
+
+* ``full``: the prompt prefilled by SGLang, nothing cached (after ``/flush_cache``);
+* the prompt's passages precomputed (written through to disk/Mooncake; the writes are waited
+  for, so they never overlap a measurement);
+* ``pool``: blended, every chunk in the pool;
+* ``host``: other chunks precomputed until the pool has evicted the prompt's chunks (they spill
+  to host RAM), then blended: every chunk loaded from host RAM;
+* ``disk``: ``/flush_cache`` (the pool is emptied; host RAM gave its copies back to the pool),
+  then blended: every chunk read from disk, its checksum verified;
+* ``mooncake``: the disk files removed and the pool flushed, then blended from Mooncake.
+
+Each blended request uses another order of the passages (so no request is a prefix of another)
+and must report every chunk served by the tier it measures, or the run stops. A tier's TTFT is
+reported as a ratio to full prefill on the same server, and to the pool-resident TTFT. Writes
+``<out>/<name>.{json,csv,md}`` and ``<out>/<name>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import requests
+from tqdm import tqdm
+
+from sglang_cacheblend.chunks import chunk_hints, precompute_hints
+
+POOL_TOKENS = 8000
+TIERS = ("pool", "host", "disk", "mooncake")
+TIMEOUT_S = 900.0
+
+
+class TierClient:
+    """The calls the tier benchmark makes to one server."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def generate(self, input_ids: list[int], *, salt: str, spans=None,
+                 ratio: float | None = None) -> tuple[float, dict | None]:
+        body: dict[str, Any] = {"input_ids": input_ids, "cache_salt": salt,
+                                "sampling_params": {"temperature": 0, "max_new_tokens": 1}}
+        if spans is not None:
+            body["kv_hints"] = chunk_hints(spans, recompute_ratio=ratio)
+        started = time.perf_counter()
+        response = requests.post(self.url + "/generate", json=body, timeout=TIMEOUT_S)
+        latency = time.perf_counter() - started
+        if response.status_code != 200:
+            raise RuntimeError(f"/generate failed ({response.status_code}): {response.text}")
+        report = response.json()["meta_info"].get("cacheblend")
+        return latency, None if not report else report[0]
+
+    def precompute(self, chunks: Sequence[list[int]], salt: str, batch: int = 4) -> None:
+        for i in range(0, len(chunks), batch):
+            response = requests.post(self.url + "/generate", json={
+                "input_ids": list(chunks[i:i + batch]), "cache_salt": [salt] * len(
+                    chunks[i:i + batch]), "sampling_params": {"max_new_tokens": 0},
+                "kv_hints": precompute_hints()}, timeout=TIMEOUT_S)
+            if response.status_code != 200:
+                raise RuntimeError(f"precompute failed ({response.status_code}): "
+                                   f"{response.text}")
+
+    def flush(self) -> None:
+        for _ in range(40):
+            if requests.post(self.url + "/flush_cache", timeout=60).status_code == 200:
+                return
+            time.sleep(0.5)
+        raise RuntimeError("the server refused /flush_cache 40 times")
+
+    def state(self) -> dict[str, Any]:
+        info = requests.get(self.url + "/server_info", timeout=60).json()
+        return info["internal_states"][0]["cacheblend"]
+
+    def settle(self, timeout_s: float = 300.0) -> None:
+        """Wait until the store's writer has nothing queued."""
+        deadline = time.monotonic() + timeout_s
+        while self.state()["store"]["queued_writes"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def build_prompt(passages: Sequence[list[int]], order: Sequence[int], head: list[int],
+                 question: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    ids, spans = list(head), []
+    for i in order:
+        spans.append((len(ids), len(ids) + len(passages[i])))
+        ids += passages[i]
+    return ids + question, spans
+
+
+def run_server(client: TierClient, passages: list[list[int]], head: list[int],
+               question: list[int], tiers: Sequence[str], disk_dir: Path, *, reps: int,
+               ratio: float, seed: int, bar: tqdm | None, label: str) -> list[dict[str, Any]]:
+    """Every repetition of full and each tier on one server (module docstring)."""
+    rng = random.Random(seed)
+    n = len(passages)
+    rows: list[dict[str, Any]] = []
+    filler_len = len(passages[0])
+    for rep in range(-1, reps):  # rep -1 warms every path up and is not recorded
+        client.flush()
+        ordered, _ = build_prompt(passages, range(n), head, question)
+        full_s, _ = client.generate(ordered, salt=uuid.uuid4().hex)
+        rows.append({"server": label, "rep": rep, "mode": "full", "ttft_s": full_s,
+                     "prompt_tokens": len(ordered)})
+        salt = uuid.uuid4().hex
+        client.precompute(passages, salt)
+        client.settle()
+        for tier in tiers:
+            if tier == "host":
+                fillers = [[rng.randrange(1000, 30000) for _ in range(filler_len)]
+                           for _ in range(POOL_TOKENS // filler_len + 1)]
+                client.precompute(fillers, uuid.uuid4().hex)
+                client.settle()
+            elif tier in ("disk", "mooncake"):
+                if tier == "mooncake":
+                    for path in disk_dir.glob("*.safetensors"):
+                        path.unlink()
+                client.flush()
+            ids, spans = build_prompt(passages, rng.sample(range(n), n), head, question)
+            ttft, report = client.generate(ids, salt=salt, spans=spans, ratio=ratio)
+            sources = (report or {}).get("chunk_sources", {})
+            if not report or not report.get("blended") or sources.get(tier) != n:
+                raise RuntimeError(f"{label} {tier}: expected all {n} chunks from {tier}, got "
+                                   f"{report}")
+            rows.append({"server": label, "rep": rep, "mode": tier, "ttft_s": ttft,
+                         "prompt_tokens": len(ids), "load_s": report.get("load_s"),
+                         "load_wait_s": report.get("load_wait_s"),
+                         "store_read_s": report.get("store_read_s", 0.0),
+                         "recomputed_rows": report.get("recomputed_rows")})
+            client.settle()
+        if bar is not None:
+            bar.update()
+    return [row for row in rows if row["rep"] >= 0]
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Median TTFT per (server, mode), as ratios to full prefill and to pool on that server."""
+    out = []
+    for server in dict.fromkeys(r["server"] for r in rows):
+        mine = [r for r in rows if r["server"] == server]
+        medians = {mode: statistics.median(r["ttft_s"] for r in mine if r["mode"] == mode)
+                   for mode in dict.fromkeys(r["mode"] for r in mine)}
+        for mode, median in medians.items():
+            out.append({"server": server, "mode": mode, "median_ttft_s": round(median, 4),
+                        "speedup_vs_full": round(medians["full"] / median, 3),
+                        "vs_pool": round(median / medians["pool"], 3),
+                        "reps": sum(r["mode"] == mode for r in mine)})
+    return out
+
+
+def plot(summary: Sequence[dict[str, Any]], out_path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    servers = list(dict.fromkeys(r["server"] for r in summary))
+    modes = list(dict.fromkeys(r["mode"] for r in summary))
+    fig = Figure(figsize=(7.5, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / len(servers)
+    for i, server in enumerate(servers):
+        values = {r["mode"]: r["median_ttft_s"] for r in summary if r["server"] == server}
+        xs = [m + (i - (len(servers) - 1) / 2) * width for m in range(len(modes))]
+        ax.bar(xs, [values.get(mode, 0.0) for mode in modes], width, label=server)
+    ax.set_xticks(range(len(modes)), modes)
+    ax.set_ylabel("median TTFT (s)")
+    ax.set_title("TTFT by where the chunk KV sits (6 chunks; full = SGLang's prefill)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=120)
+    return out_path
+
+
+def markdown(config: dict[str, Any], info: dict[str, Any], summary: Sequence[dict[str, Any]],
+             png: str) -> str:
+    lines = [
+        "# TTFT by chunk tier (pool, host RAM, disk, Mooncake)", "",
+        f"Command: `{config['command_line']}`  ",
+        f"Commit {info['git'].get('commit', '?')[:10]} (dirty: {info['git'].get('dirty')}), "
+        f"{info['machine'].get('cpu_count')} CPUs, {info['date']}; wall {config['wall_s']:.0f} s."
+        "", "",
+        f"{config['chunks']} chunks x {config['chunk_size']} tokens, recompute ratio "
+        f"{config['ratio']}, {config['reps']} repetitions (medians); pool "
+        f"{POOL_TOKENS} tokens. Every blended request reported all its chunks served by the "
+        "tier of its row.", "",
+        "| server | mode | median TTFT (s) | speedup vs full | TTFT / pool-resident |",
+        "|---|---|---|---|---|",
+    ]
+    for r in summary:
+        lines.append(f"| {r['server']} | {r['mode']} | {r['median_ttft_s']:.3f} | "
+                     f"{r['speedup_vs_full']:.2f}x | {r['vs_pool']:.3f} |")
+    lines += ["", f"![TTFT by tier]({png})", ""]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tiers", nargs="+", choices=TIERS, default=None,
+                        help="run the tier benchmark on these tiers instead (pool is always "
+                             "included; mooncake needs the --cacheblend-mooncake-* server flags)")
+    parser.add_argument("--tier-pipelining", nargs="+", choices=("on", "off"),
+                        default=["on", "off"], help="tier benchmark: loading modes to measure")
+
+
+def run(args: argparse.Namespace, server_args: Sequence[str]) -> dict[str, Path]:
+    """The tier benchmark (``--tiers``): self-started servers, one per loading mode."""
+    from transformers import AutoTokenizer
+
+    from sglang_cacheblend.embedded_model import ensure_model
+    from sglang_cacheblend.eval.bench import make_workload
+    from sglang_cacheblend.eval.dataset import load_items
+    from sglang_cacheblend.eval.results import provenance, write_results
+    from sglang_cacheblend.launch import ServerProcess
+
+    if args.url:
+        raise ValueError("--tiers starts its own servers (it needs their tier flags): drop --url")
+    tiers = ["pool", *[t for t in args.tiers if t != "pool"]]
+    wants_mooncake = "--cacheblend-mooncake-master" in server_args
+    if ("mooncake" in tiers) != wants_mooncake:
+        raise ValueError("--tiers mooncake and the --cacheblend-mooncake-master/-metadata server "
+                         "flags go together")
+    chunks, size = args.load_chunks, args.load_chunk_size
+    model_path = args.model_path or ensure_model(getattr(args, "cache_dir", None))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    work = make_workload(load_items(args.data), args.item, chunks, size, tokenizer)
+    ids, spans = list(work.ordered.input_ids), list(work.ordered.spans)
+    passages = [ids[s:e] for s, e in spans]
+    head, question = ids[:spans[0][0]], ids[spans[-1][1]:]
+    ratio = args.ratios[0]
+    started = time.monotonic()
+    rows: list[dict[str, Any]] = []
+    with tqdm(total=len(args.tier_pipelining) * (args.reps + 1), desc="tier bench",
+              unit="rep") as bar:
+        for mode in args.tier_pipelining:
+            label = "pipelined" if mode == "on" else "not pipelined"
+            with tempfile.TemporaryDirectory(prefix="cacheblend-bench-disk-") as disk:
+                flags = ["--enable-cacheblend", "--max-total-tokens", str(POOL_TOKENS),
+                         "--cacheblend-host-tier-mb", "8192", "--cacheblend-disk-tier-dir", disk,
+                         "--cacheblend-disk-tier-mb", "8192",
+                         "--cacheblend-min-reused-tokens", "16", *server_args]
+                if mode == "off":
+                    flags.append("--cacheblend-no-pipeline")
+                log_path = Path(tempfile.gettempdir()) / f"sglang-cacheblend-{args.name}-{mode}.log"
+                with ServerProcess(args=flags, port=args.port, model_path=Path(model_path),
+                                   log_path=log_path) as proc:
+                    rows += run_server(TierClient(proc.base_url), passages, head, question,
+                                       tiers, Path(disk), reps=args.reps, ratio=ratio,
+                                       seed=args.seed, bar=bar, label=label)
+    summary = summarize(rows)
+    config = {"command_line": shlex.join(["sglang-cacheblend", *sys.argv[1:]]),
+              "server_args": list(server_args), "model_path": str(model_path),
+              "chunks": chunks, "chunk_size": size, "ratio": ratio, "reps": args.reps,
+              "tiers": tiers, "pipelining": args.tier_pipelining,
+              "wall_s": time.monotonic() - started}
+    info = provenance()
+    paths = write_results(args.out, args.name, config=config, rows=rows,
+                          summary={"ttft": summary}, provenance_info=info)
+    png = plot(summary, Path(args.out) / f"{args.name}.png")
+    md = Path(args.out) / f"{args.name}.md"
+    md.write_text(markdown(config, info, summary, png.name))
+    return {"json": paths.json, "csv": paths.csv, "md": md, "png": png}

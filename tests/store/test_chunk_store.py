@@ -1,0 +1,121 @@
+"""The tier chain: where spills and write-throughs land, lookup order, the writer thread."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from sglang_cacheblend.store import ChunkKV, ChunkStore, DiskTier, HostTier
+from sglang_cacheblend.store.config import StoreConfig, build_store
+
+
+def kv(seed: int, tokens: int = 4) -> ChunkKV:
+    gen = torch.Generator().manual_seed(seed)
+    return ChunkKV(k=torch.randn(2, tokens, 1, 4, generator=gen),
+                   v=torch.randn(2, tokens, 1, 4, generator=gen),
+                   positions=torch.arange(1, tokens + 1),
+                   token_ids=torch.arange(seed, seed + tokens))
+
+
+def same(a: ChunkKV, b: ChunkKV) -> bool:
+    return all(torch.equal(getattr(a, f), getattr(b, f))
+               for f in ("k", "v", "positions", "token_ids"))
+
+
+ONE = kv(0).nbytes
+
+
+def test_write_through_lands_on_disk_and_host_gets_only_spills(tmp_path):
+    store = ChunkStore(host=HostTier(2 * ONE), persistent=[("disk", DiskTier(tmp_path, 10 * ONE))])
+    store.persist("aa", kv(1))
+    assert store.flush(10)
+    assert store.stats()["tiers"]["host"]["entries"] == 0
+    assert store.stats()["tiers"]["disk"]["entries"] == 1
+    hit = store.get("aa")
+    assert hit.tier == "disk" and same(hit.kv, kv(1))
+    store.spill("bb", kv(2))
+    hit = store.get("bb")
+    assert hit.tier == "host" and same(hit.kv, kv(2))
+    assert store.get("bb") is None  # a host hit moves the chunk back to the pool
+    store.close()
+
+
+def test_spill_policy_sends_host_evictions_to_disk(tmp_path):
+    store = ChunkStore(host=HostTier(2 * ONE), persistent=[("disk", DiskTier(tmp_path, 10 * ONE))],
+                       policy="spill")
+    store.persist("aa", kv(1))  # not written through under "spill"
+    assert store.flush(10) and store.get("aa") is None
+    for i, key in enumerate(("a1", "a2", "a3")):  # the host tier holds two: a1 falls to disk
+        store.spill(key, kv(10 + i))
+    assert store.flush(10)
+    stats = store.stats()
+    assert stats["tiers"]["host"]["entries"] == 2 and stats["tiers"]["disk"]["entries"] == 1
+    assert stats["spills"] == 3
+    assert store.get("a1").tier == "disk" and same(store.get("a1").kv, kv(10))
+    assert store.get("a3").tier == "host"
+    store.close()
+
+
+class SlowTier:
+    """A persistent tier whose puts wait for a signal (a slow disk)."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.entries: dict[str, ChunkKV] = {}
+
+    def get(self, key):
+        return self.entries.get(key)
+
+    def put(self, key, value):
+        self.started.set()
+        assert self.release.wait(10)
+        if key == "bad":
+            raise OSError("disk full")
+        self.entries[key] = value
+        return []
+
+    def remove(self, key):
+        return self.entries.pop(key, None) is not None
+
+    def stats(self):
+        from sglang_cacheblend.store import TierStats
+
+        return TierStats(entries=len(self.entries))
+
+
+def test_queued_writes_are_served_bounded_and_failures_counted():
+    slow = SlowTier()
+    store = ChunkStore(persistent=[("disk", slow)], max_queued_writes=2)
+    store.persist("bad", kv(0))
+    assert slow.started.wait(10)
+    for key, seed in (("k1", 1), ("k2", 2), ("k3", 3)):
+        store.persist(key, kv(seed))
+    # The writer holds "bad"; k1 and k2 wait in the queue; k3 found it full and was skipped.
+    hit = store.get("k2")
+    assert hit is not None and hit.tier == "disk" and same(hit.kv, kv(2))
+    assert store.get("k3") is None
+    assert store.stats()["skipped_writes"] == 1
+    slow.release.set()
+    assert store.flush(10)
+    stats = store.stats()
+    assert stats["failed_writes"] == 1 and stats["queued_writes"] == 0
+    assert sorted(slow.entries) == ["k1", "k2"]
+    store.close()
+
+
+def test_config_builds_the_tiers_and_refuses_non_loopback(tmp_path):
+    assert build_store(StoreConfig()) is None
+    store = build_store(StoreConfig(host_mb=1, disk_dir=str(tmp_path)))
+    assert store.tier_names == ["host", "disk"] and store.writes_through
+    store.close()
+    with pytest.raises(ValueError, match="loopback"):
+        StoreConfig(mooncake_master="10.1.2.3:50051", mooncake_metadata="http://10.1.2.3/m")
+    with pytest.raises(ValueError, match="go together"):
+        StoreConfig(mooncake_master="127.0.0.1:50051")
+    with pytest.raises(ValueError, match="policy"):
+        StoreConfig(policy="write-back")
+    with pytest.raises(ValueError, match="at least one tier"):
+        ChunkStore()
