@@ -7,16 +7,12 @@ with a warning, and reported as a miss, so the chunk is recomputed and never ser
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
+from sglang_cacheblend.store import codec
 from sglang_cacheblend.store.entry import ChunkKV
 from sglang_cacheblend.store.tier import TierStats
 
@@ -24,20 +20,8 @@ __all__ = ["DiskTier"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "sglang-cacheblend-chunk"
-VERSION = "1"
+VERSION = codec.VERSION  # the format version this tier writes (a test writes a foreign one)
 _SUFFIX = ".safetensors"
-_FIELDS = ("k", "v", "positions", "token_ids")
-
-
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """BLAKE2b-256 over every tensor's dtype, shape and bytes, in field order."""
-    digest = hashlib.blake2b(digest_size=32)
-    for name in _FIELDS:
-        t = tensors[name].contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
 
 
 class DiskTier:
@@ -71,7 +55,7 @@ class DiskTier:
             self._stats.misses += 1
             return None
         try:
-            kv = self._read(path, key)
+            kv = codec.decode(key, path.read_bytes())
         except Exception as exc:  # noqa: BLE001 - any damage means: recompute, never serve
             logger.warning("chunk KV file %s is unusable (%s); dropped, the chunk is recomputed",
                            path, exc)
@@ -85,32 +69,16 @@ class DiskTier:
         self._stats.hits += 1
         return kv
 
-    @staticmethod
-    def _read(path: Path, key: str) -> ChunkKV:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-                raise ValueError(f"format {meta.get('format')!r} version "
-                                 f"{meta.get('version')!r}, expected {FORMAT!r} {VERSION!r}")
-            if meta.get("key") != key:
-                raise ValueError(f"stored under key {meta.get('key')!r}")
-            tensors = {name: f.get_tensor(name) for name in _FIELDS}
-        if _checksum(tensors) != meta.get("checksum"):
-            raise ValueError("checksum mismatch")
-        return ChunkKV(**tensors)
-
     def put(self, key: str, kv: ChunkKV) -> list[tuple[str, ChunkKV]]:
         """Write ``kv`` atomically (a temporary file renamed into place); evicted entries are
         deleted, not returned: disk is the last local tier."""
         path = self._path(key)
-        tensors = {name: getattr(kv, name).contiguous() for name in _FIELDS}
-        meta = {"format": FORMAT, "version": VERSION, "key": key, "checksum": _checksum(tensors)}
-        tmp = self._root / f".{key}.{os.getpid()}.tmp"
-        save_file(tensors, str(tmp), metadata=meta)
-        size = tmp.stat().st_size
+        data = codec.encode(key, kv, version=VERSION)
+        size = len(data)
         if size > self._capacity:
-            tmp.unlink()
             return []
+        tmp = self._root / f".{key}.{os.getpid()}.tmp"
+        tmp.write_bytes(data)
         self._drop(key)
         while self._index and sum(s for s, _ in self._index.values()) + size > self._capacity:
             oldest = min(self._index, key=lambda k: self._index[k][1])
