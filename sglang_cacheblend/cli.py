@@ -1,8 +1,9 @@
-"""The ``sglang-cacheblend`` command: prepare-model, serve, demo, eval, bench, soak.
+"""The ``sglang-cacheblend`` command: prepare-model, serve, demo, eval, bench, soak, ingest.
 
 ``serve`` passes every argument it does not know straight to SGLang's own launcher, so
 ``sglang-cacheblend serve --port 31000 --enable-cacheblend`` is ``python -m
-sglang.launch_server`` with the embedded model and the CPU defaults filled in.
+sglang.launch_server`` with the embedded model and the CPU defaults filled in; ``demo``,
+``bench``, ``soak`` and ``ingest`` pass theirs on to the server they start.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sglang_cacheblend import demo as demo_cmd
 from sglang_cacheblend.eval import bench as bench_cmd
 from sglang_cacheblend.eval import quality as quality_cmd
 from sglang_cacheblend.eval import soak as soak_cmd
+from sglang_cacheblend.ingest import runner as ingest_cmd
 from sglang_cacheblend.embedded_model import ModelPreparationError
 
 
@@ -83,6 +85,18 @@ def _cmd_eval(args: argparse.Namespace, sglang_args: list[str]) -> int:
         return 2
 
 
+def _cmd_ingest(args: argparse.Namespace, sglang_args: list[str]) -> int:
+    try:
+        summary = ingest_cmd.run(args, sglang_args)
+    except (ValueError, OSError) as exc:
+        print(f"sglang-cacheblend ingest: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sglang-cacheblend ingest: interrupted", file=sys.stderr)
+        return 130
+    return ingest_cmd.summary_exit_code(summary)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sglang-cacheblend", description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -118,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
          "TTFT and throughput: full prefill, prefix cache, full KV reuse, CacheBlend"),
         ("soak", soak_cmd,
          "bounded soak on a small pool: no deaths, same answers as alone, nothing leaked"),
+        ("ingest", ingest_cmd,
+         "precompute a corpus's chunks into a CacheBlend server (resumable, batched)"),
     ):
         command = sub.add_parser(name, help=help_text, description=module.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_eval(args, rest)
         if args.command == "soak":
             return _cmd_soak(args, rest)
+        if args.command == "ingest":
+            return _cmd_ingest(args, rest)
         return _cmd_demo(args, rest)
     except ModelPreparationError as exc:
         print(f"sglang-cacheblend: {exc}", file=sys.stderr)

@@ -1,0 +1,124 @@
+"""``sglang-cacheblend ingest`` against a real server: what it stores is what requests hit.
+
+Uses the session ``server`` (``--enable-cacheblend``) under a cache_salt of this module's own,
+so no other test's chunks count. The module fixture ingests a small JSONL corpus once; the tests
+then mark several of its chunks in an order no request used, rerun the ingest, and send token
+windows whose server-side tokenization the ingest checks against its own.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from sglang_cacheblend.chunks import chunk
+from sglang_cacheblend.cli import build_parser, main
+
+DOCS = [
+    {"id": "seine", "text": "Paris lies on the Seine, which flows through the city from east to "
+                            "west and divides it into the Left Bank and the Right Bank.\n\n"
+                            "Its bridges, from the Pont Neuf to the Pont Alexandre III, are among "
+                            "the most visited sights of the French capital."},
+    {"id": "alps", "text": "Alps\n\nThe Alps are the highest and most extensive mountain range "
+                           "lying entirely in Europe, stretching about 1,200 km across eight "
+                           "countries."},
+    {"id": "danube", "text": "The Danube is the second-longest river in Europe, after the Volga. "
+                             "It flows through much of Central and Southeastern Europe, from the "
+                             "Black Forest into the Black Sea."},
+    {"text": "Lake Geneva is a deep lake on the north side of the Alps, shared between "
+             "Switzerland and France, and one of the largest lakes in Western Europe."},
+]
+
+
+def _chunk_inserts(server) -> int:
+    info = requests.get(server.base_url + "/server_info", timeout=60).json()
+    return info["internal_states"][0]["cacheblend"]["chunk_index"]["inserts"]
+
+
+def _argv(corpus: Path, server, salt: str, tmp: Path, *extra: str) -> list[str]:
+    return ["ingest", str(corpus), "--url", server.base_url, "--cache-salt", salt,
+            "--state", str(tmp / "state.jsonl"), "--chunks-out", str(tmp / "chunks.jsonl"),
+            "--batch", "3", "--max-tokens", "40", "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def ingested(server, tmp_path_factory):
+    from sglang_cacheblend.ingest import runner
+
+    tmp = tmp_path_factory.mktemp("ingest")
+    corpus = tmp / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
+    salt = f"ingest-{uuid.uuid4().hex}"
+    inserts = _chunk_inserts(server)
+    args, rest = build_parser().parse_known_args(_argv(corpus, server, salt, tmp))
+    summary = runner.run(args, rest)
+    chunks = [json.loads(line) for line in (tmp / "chunks.jsonl").read_text().splitlines()]
+    return summary, chunks, salt, corpus, tmp, _chunk_inserts(server) - inserts
+
+
+def test_ingest_stores_every_chunk_of_the_corpus(ingested):
+    summary, chunks, _, _, _, inserted = ingested
+    assert summary.ok and summary.documents == 4 and summary.dropped_documents == 0
+    # "seine" has two paragraphs over 40 tokens together; "alps" opens with a one-word heading,
+    # which joins the next paragraph (never a chunk below the server's 16 tokens).
+    assert [c["doc_id"] for c in chunks] == ["seine", "seine", "alps", "danube",
+                                             "corpus.jsonl:4"]
+    assert chunks[2]["text"].startswith("Alps\n\nThe Alps")
+    assert all(c["num_tokens"] >= 16 for c in chunks)
+    assert summary.chunks == summary.precomputed == len(chunks) and summary.skipped == 0
+    assert summary.tokens == sum(c["num_tokens"] for c in chunks)
+    assert inserted == len(chunks)  # each one really reached the chunk index
+
+
+def test_ingested_chunks_hit_in_an_order_never_used(ingested, server):
+    _, chunks, salt, _, _, _ = ingested
+    order = [4, 2, 0, 3]  # across documents, none in its corpus order
+    text = ("Passages:\n" + "".join(chunk(chunks[i]["text"]) for i in order)
+            + "\nQuestion: Which river flows through Paris?")
+
+    def blend_report(cache_salt: str) -> dict:
+        reply = requests.post(server.base_url + "/generate", timeout=600, json={
+            "text": text, "cache_salt": cache_salt,
+            "sampling_params": {"temperature": 0, "max_new_tokens": 1}})
+        assert reply.status_code == 200, reply.text
+        return reply.json()["meta_info"]["cacheblend"][0]
+
+    report = blend_report(salt)
+    assert report["chunks"] == report["chunk_hits"] == len(order)
+    assert report["chunk_misses"] == 0  # (too few tokens to blend: the hits are what counts)
+    # Under another salt nothing was ingested: the same prompt misses every chunk.
+    other = blend_report(f"other-{uuid.uuid4().hex}")
+    assert other["chunk_hits"] == 0 and other["chunk_misses"] == len(order)
+
+
+def test_rerun_skips_everything_and_sends_nothing(ingested, server, capsys):
+    _, chunks, salt, corpus, tmp, _ = ingested
+    inserts = _chunk_inserts(server)
+    assert main(_argv(corpus, server, salt, tmp)) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"skipped\s+{len(chunks)} ", out), out
+    assert re.search(r"precomputed\s+0 ", out), out
+    assert _chunk_inserts(server) == inserts
+
+
+def test_token_windows_reach_the_server_as_the_ingest_counted_them(server, tmp_path):
+    from sglang_cacheblend.ingest import runner
+
+    text = "".join(f"Line {i}: Zürich’s Große Straße — naïve café, 東京と大阪の間, "
+                   "unbelievably reorganisation-friendly text. " for i in range(5))
+    corpus = tmp_path / "windows.jsonl"
+    corpus.write_text(json.dumps({"id": "w", "text": text}) + "\n")
+    args, rest = build_parser().parse_known_args(
+        _argv(corpus, server, f"windows-{uuid.uuid4().hex}", tmp_path, "--split", "tokens",
+              "--window", "24"))
+    summary = runner.run(args, rest)
+    windows = [json.loads(line) for line in (tmp_path / "chunks.jsonl").read_text().splitlines()]
+    # ok: the server's prompt_tokens for every window equal sink + the ingest's count.
+    assert summary.ok, summary.error
+    assert summary.precomputed == len(windows) >= 4
+    assert "".join(w["text"] for w in windows) == text
