@@ -198,11 +198,19 @@ class ChunkStore:
         return False
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Land the queued writes and stop the writer thread."""
+        """Land the queued writes, stop the writer thread, close the tiers that need it
+        (Mooncake's client must leave before its master and metadata server do)."""
         if self._writer is not None and self._writer.is_alive():
             self.flush(timeout_s)
             self._queue.put(None)
             self._writer.join(timeout_s)
+        for tier in self._persistent:
+            close = getattr(tier.tier, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception:  # noqa: BLE001 - shutting down: report, go on
+                    logger.exception("closing the %s tier failed", tier.name)
 
     # ------------------------------------------------------------------ accounting
 

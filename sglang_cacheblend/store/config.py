@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 from dataclasses import dataclass
 
 from sglang_cacheblend.store.chunk_store import ChunkStore, WritePolicy
@@ -61,4 +62,8 @@ def build_store(config: StoreConfig) -> ChunkStore | None:
 
         persistent.append(("mooncake", MooncakeTier(config.mooncake_master,
                                                     config.mooncake_metadata)))
-    return ChunkStore(host=host, persistent=persistent, policy=config.policy)
+    store = ChunkStore(host=host, persistent=persistent, policy=config.policy)
+    # The scheduler process exits through sys.exit on shutdown: land what is queued (briefly)
+    # and let Mooncake's client leave cleanly.
+    atexit.register(store.close, 10.0)
+    return store
