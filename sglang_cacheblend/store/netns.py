@@ -57,7 +57,8 @@ def private_netns_command(argv: list[str]) -> list[str]:
     """``argv`` wrapped to run in a new network namespace with ``lo`` and :data:`LINK` up.
 
     The command sees only that namespace (``MC_TCP_BIND_ADDRESS=127.0.0.1`` set) and its
-    children inherit it. It also runs in a new PID namespace, so every process in there dies
+    children inherit it. It also runs in a new PID namespace (with its own ``/proc``, in a mount
+    namespace of its own), so every process in there dies
     with the command, or when ``unshare`` is killed (``--kill-child``), and no Mooncake
     process outlives it. The exit status is the command's. Needs root (see
     :func:`mooncake_available`). The result is an argv list for :mod:`subprocess`.
@@ -69,8 +70,10 @@ def private_netns_command(argv: list[str]) -> list[str]:
     """
     if not argv:
         raise ValueError("argv must name a command")
-    return ["unshare", "--net", "--pid", "--kill-child", "--", "sh", "-c", _PRELUDE, "sh",
-            *argv]
+    # --mount-proc: a /proc of the new PID namespace, or tools reading /proc/self by PID (psutil,
+    # which SGLang's launcher uses) look up the wrong process.
+    return ["unshare", "--net", "--pid", "--mount-proc", "--kill-child", "--", "sh", "-c",
+            _PRELUDE, "sh", *argv]
 
 
 def mooncake_available() -> str | None:
