@@ -6,11 +6,14 @@ command inside a private network namespace, see :mod:`sglang_cacheblend.store.ne
 repetition, on one server and in this order:
 
 * ``full``: the prompt prefilled by SGLang, nothing cached (after ``/flush_cache``);
-* the prompt's passages precomputed (written through to disk/Mooncake; the writes are waited
-  for, so they never overlap a measurement);
-* ``pool``: blended, every chunk in the pool;
+* other chunks precomputed until the pool is full of them, then the prompt's passages
+  precomputed (written through to disk/Mooncake; writes are always waited for, so they never
+  overlap a measurement);
+* ``pool``: blended, every chunk in the pool; the pool is full, so the request evicts other
+  chunks to fit (which spill to host RAM), as the ``host`` request does: the two differ only by
+  where their own chunks come from;
 * ``host``: other chunks precomputed until the pool has evicted the prompt's chunks (they spill
-  to host RAM), then blended: every chunk loaded from host RAM;
+  to host RAM), then blended: every chunk loaded from host RAM (evicting, and spilling, others);
 * ``disk``: ``/flush_cache`` (the pool is emptied; host RAM gave its copies back to the pool),
   then blended: every chunk read from disk, its checksum verified;
 * ``mooncake``: the disk files removed and the pool flushed, then blended from Mooncake.
@@ -116,15 +119,19 @@ def run_server(client: TierClient, passages: list[list[int]], head: list[int],
         full_s, _ = client.generate(ordered, salt=uuid.uuid4().hex)
         rows.append({"server": label, "rep": rep, "mode": "full", "ttft_s": full_s,
                      "prompt_tokens": len(ordered)})
+        def fill_pool() -> None:  # other chunks, until the pool has evicted everything older
+            fillers = [[rng.randrange(1000, 30000) for _ in range(filler_len)]
+                       for _ in range(POOL_TOKENS // filler_len + 1)]
+            client.precompute(fillers, uuid.uuid4().hex)
+            client.settle()
+
+        fill_pool()  # a full pool: the pool and host requests both evict (and spill) to fit
         salt = uuid.uuid4().hex
         client.precompute(passages, salt)
         client.settle()
         for tier in tiers:
             if tier == "host":
-                fillers = [[rng.randrange(1000, 30000) for _ in range(filler_len)]
-                           for _ in range(POOL_TOKENS // filler_len + 1)]
-                client.precompute(fillers, uuid.uuid4().hex)
-                client.settle()
+                fill_pool()
             elif tier in ("disk", "mooncake"):
                 if tier == "mooncake":
                     for path in disk_dir.glob("*.safetensors"):
@@ -262,7 +269,9 @@ def run(args: argparse.Namespace, server_args: Sequence[str]) -> dict[str, Path]
                                        tiers, Path(disk), reps=args.reps, ratio=ratio,
                                        seed=args.seed, bar=bar, label=label)
     summary = summarize(rows)
-    config = {"command_line": shlex.join(["sglang-cacheblend", *sys.argv[1:]]),
+    command = getattr(args, "command_line", None) or shlex.join(
+        ["sglang-cacheblend", *sys.argv[1:]])
+    config = {"command_line": command,
               "server_args": list(server_args), "model_path": str(model_path),
               "chunks": chunks, "chunk_size": size, "ratio": ratio, "reps": args.reps,
               "tiers": tiers, "pipelining": args.tier_pipelining,

@@ -24,10 +24,24 @@ def layer_ids(pool: Any) -> range:
 
 def read_chunk_kv(pool: Any, kv_loc: torch.Tensor, positions: torch.Tensor,
                   token_ids: list[int] | torch.Tensor) -> ChunkKV:
-    """Copy a chunk's KV out of pool slots ``kv_loc`` to CPU (before the slots are freed)."""
-    loc = kv_loc.to(pool.get_key_buffer(layer_ids(pool)[0]).device)
-    k = torch.stack([pool.get_key_buffer(layer)[loc] for layer in layer_ids(pool)]).cpu()
-    v = torch.stack([pool.get_value_buffer(layer)[loc] for layer in layer_ids(pool)]).cpu()
+    """Copy a chunk's KV out of pool slots ``kv_loc`` to CPU (before the slots are freed).
+
+    On CPU each layer is gathered straight into its place in the result (one copy): a spill runs
+    inside admission, on the request's time to first token.
+    """
+    layers = layer_ids(pool)
+    first = pool.get_key_buffer(layers[0])
+    loc = kv_loc.to(first.device)
+    if first.device.type == "cpu":
+        shape = (len(layers), loc.numel(), *first.shape[1:])
+        k = torch.empty(shape, dtype=first.dtype)
+        v = torch.empty(shape, dtype=first.dtype)
+        for i, layer in enumerate(layers):
+            torch.index_select(pool.get_key_buffer(layer), 0, loc, out=k[i])
+            torch.index_select(pool.get_value_buffer(layer), 0, loc, out=v[i])
+    else:
+        k = torch.stack([pool.get_key_buffer(layer)[loc] for layer in layers]).cpu()
+        v = torch.stack([pool.get_value_buffer(layer)[loc] for layer in layers]).cpu()
     ids = token_ids if isinstance(token_ids, torch.Tensor) else torch.tensor(token_ids)
     return ChunkKV(k=k, v=v, positions=positions.to("cpu", torch.int64).clone(),
                    token_ids=ids.to("cpu", torch.int64))

@@ -123,7 +123,8 @@ class CacheBlendRadixCache(RadixCache):
         self.spill_failures = 0
         self.chunk_index = ChunkIndex(
             params.token_to_kv_pool_allocator, clock=time.monotonic,
-            on_evict=None if chunk_store is None else self._spill)
+            on_evict=self._spill if chunk_store is not None and chunk_store.takes_spills
+            else None)
         self.admission = ChunkAdmission(self)
         self._model_id = model_id
         self._rope = rope

@@ -116,6 +116,11 @@ class ChunkStore:
         return [t.name for t in ([self._host] if self._host else []) + self._persistent]
 
     @property
+    def takes_spills(self) -> bool:
+        """Whether a chunk the pool evicts is kept anywhere (else copying it out is waste)."""
+        return self._host is not None or (self.policy == "spill" and bool(self._persistent))
+
+    @property
     def writes_through(self) -> bool:
         return self.policy == "write-through" and bool(self._persistent)
 

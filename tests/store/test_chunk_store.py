@@ -109,8 +109,14 @@ def test_queued_writes_are_served_bounded_and_failures_counted():
 def test_config_builds_the_tiers_and_refuses_non_loopback(tmp_path):
     assert build_store(StoreConfig()) is None
     store = build_store(StoreConfig(host_mb=1, disk_dir=str(tmp_path)))
-    assert store.tier_names == ["host", "disk"] and store.writes_through
+    assert store.tier_names == ["host", "disk"] and store.writes_through and store.takes_spills
     store.close()
+    disk_only = build_store(StoreConfig(disk_dir=str(tmp_path)))
+    assert not disk_only.takes_spills  # written through already: evictions are not copied out
+    disk_only.close()
+    spill_only = build_store(StoreConfig(disk_dir=str(tmp_path), policy="spill"))
+    assert spill_only.takes_spills and not spill_only.writes_through
+    spill_only.close()
     with pytest.raises(ValueError, match="loopback"):
         StoreConfig(mooncake_master="10.1.2.3:50051", mooncake_metadata="http://10.1.2.3/m")
     with pytest.raises(ValueError, match="go together"):
