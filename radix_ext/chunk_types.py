@@ -13,6 +13,7 @@ realigns) the cached KV into slots of its own and writes its blended KV there.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol, Union
@@ -150,9 +151,8 @@ class EvictedChunk(NamedTuple):
 
     @property
     def token_ids(self) -> list[int]:
-        from radix_ext.keys import unpack_token_ids
-
-        return unpack_token_ids(self.token_bytes)
+        """The token ids, unpacked (native-endian int64, as ``pack_token_ids`` packs them)."""
+        return array("q", self.token_bytes).tolist()
 
 
 class LruHead(NamedTuple):

@@ -40,11 +40,6 @@ def pack_token_ids(token_ids: TokenIds) -> bytes:
     return array("q", token_ids).tobytes()
 
 
-def unpack_token_ids(token_bytes: bytes) -> list[int]:
-    """The token ids :func:`pack_token_ids` packed."""
-    return array("q", token_bytes).tolist()
-
-
 def default_chunk_hash(token_bytes: bytes) -> bytes:
     """BLAKE2b-128 of packed token ids: stable across processes and TP ranks."""
     return hashlib.blake2b(token_bytes, digest_size=16).digest()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sglang_cacheblend import demo as demo_cmd
 from sglang_cacheblend.eval import bench as bench_cmd
+from sglang_cacheblend.eval import bench_tiers as bench_tiers_cmd
 from sglang_cacheblend.eval import quality as quality_cmd
 from sglang_cacheblend.eval import soak as soak_cmd
 from sglang_cacheblend.ingest import runner as ingest_cmd
@@ -56,7 +57,10 @@ def _cmd_demo(args: argparse.Namespace, sglang_args: list[str]) -> int:
 
 def _cmd_bench(args: argparse.Namespace, sglang_args: list[str]) -> int:
     try:
-        paths = bench_cmd.run(args, sglang_args)
+        if args.tiers:
+            paths = bench_tiers_cmd.run(args, sglang_args)
+        else:
+            paths = bench_cmd.run(args, sglang_args)
     except ValueError as exc:
         print(f"sglang-cacheblend bench: {exc}", file=sys.stderr)
         return 2
@@ -138,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text, description=module.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(command)
+        if module is bench_cmd:
+            bench_tiers_cmd.add_arguments(command)
     return parser
 
 

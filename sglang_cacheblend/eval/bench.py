@@ -31,8 +31,8 @@ takes hours::
     sglang-cacheblend bench --chunks 2 6 12 --chunk-sizes 256 512 1024 --reps 3 \\
         --concurrency 4 --rates 0.1 0.2 0.5 --load-requests 16 --load-seconds 300
 
-``--tiers pool host disk [mooncake]`` runs the chunk-tier benchmark instead
-(:mod:`.bench_tiers`): TTFT with every chunk in the pool, host RAM, disk or Mooncake, with and
+``sglang-cacheblend bench --tiers pool host disk [mooncake]`` runs the chunk-tier benchmark
+instead (:mod:`.bench_tiers`): TTFT with every chunk in the pool, host RAM, disk or Mooncake, with and
 without layer pipelining.
 
 This module builds the workloads and runs the modes; :mod:`.load` holds the HTTP client and the
@@ -57,7 +57,6 @@ from typing import Any
 from tqdm import tqdm
 
 from sglang_cacheblend.chunks import ChunkedPrompt, Encode
-from sglang_cacheblend.eval import bench_tiers
 from sglang_cacheblend.eval.bench_report import BASELINES, write_outputs
 from sglang_cacheblend.eval.dataset import (
     DEFAULT_DATA_PATH,
@@ -259,7 +258,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, default=0)
     add("--out", type=Path, default=REPO_ROOT / "docs" / "results")
     add("--name", default="bench", help="file stem of the outputs")
-    bench_tiers.add_arguments(parser)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -285,8 +283,6 @@ def run(args: argparse.Namespace, server_args: Sequence[str] = ()) -> dict[str, 
     from sglang_cacheblend.embedded_model import ensure_model
 
     check_arguments(args)
-    if args.tiers:
-        return bench_tiers.run(args, server_args)
     if args.url and server_args:
         raise ValueError(f"server flags {list(server_args)} need a server started here, not --url")
     model_path = args.model_path or ensure_model(getattr(args, "cache_dir", None))

@@ -229,11 +229,12 @@ def run(args: argparse.Namespace, server_args: Sequence[str]) -> dict[str, Path]
     from transformers import AutoTokenizer
 
     from sglang_cacheblend.embedded_model import ensure_model
-    from sglang_cacheblend.eval.bench import make_workload
+    from sglang_cacheblend.eval.bench import check_arguments, make_workload
     from sglang_cacheblend.eval.dataset import load_items
     from sglang_cacheblend.eval.results import provenance, write_results
     from sglang_cacheblend.launch import ServerProcess
 
+    check_arguments(args)
     if args.url:
         raise ValueError("--tiers starts its own servers (it needs their tier flags): drop --url")
     tiers = ["pool", *[t for t in args.tiers if t != "pool"]]

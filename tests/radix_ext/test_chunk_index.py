@@ -268,3 +268,33 @@ def test_reset_forgets_entries_without_freeing(index, allocator):
     assert (len(index), index.total_size(), index.unlock("r")) == (0, 0, 0)
     assert not index.match(NS, A, [(0, 3)])[0].hit
     index.check_integrity()
+
+
+def test_on_evict_sees_each_victim_before_its_slots_are_freed(make_allocator):
+    from radix_ext import ChunkIndex
+
+    allocator = make_allocator(32)
+    seen = []
+
+    def listener(victim):
+        # The slots still belong to the index: none of them is free yet.
+        assert not set(victim.kv_loc.tolist()) & allocator.free_slots
+        seen.append((victim.namespace, victim.token_ids, victim.positions.tolist()))
+
+    index = ChunkIndex(allocator, on_evict=listener)
+    index.insert("ns", [5, 6, 7], allocator.alloc(3), 1)
+    index.insert("ns", [8, 9], allocator.alloc(2), 4)
+    assert index.evict(1).num_entries_evicted == 1
+    assert seen == [("ns", [5, 6, 7], [1, 2, 3])]
+    index.reset()  # a flush drops entries without evicting them: no spill
+    assert len(seen) == 1
+
+    def broken(victim):
+        raise RuntimeError("store gone")
+
+    failing = ChunkIndex(allocator, on_evict=broken)
+    failing.insert("ns", [1, 2], allocator.alloc(2), 0)
+    with pytest.raises(RuntimeError, match="store gone"):
+        failing.evict(1)
+    assert len(failing) == 0  # removed (and its slots freed) all the same
+    failing.check_integrity()
