@@ -407,6 +407,7 @@ def test_own_server_gets_the_flags_a_warning_and_skips_only_with_a_tier(
     # (no meta_info: the tokenization check has nothing to compare; the server test has)
     started: list[dict] = []
     monkeypatch.setattr(launch, "ServerProcess", _fake_server_class(started))
+    monkeypatch.setattr(runner, "wait_for_store_writes", lambda url, timeout_s: None)  # no server
 
     first = runner.run(_ingest_args(tmp_path, corpus), ["--max-total-tokens", "9000"])
     out = capsys.readouterr().out
@@ -445,6 +446,7 @@ def test_a_server_that_tokenizes_a_chunk_otherwise_stops_the_ingest(
         return [{"meta_info": {"prompt_tokens": n}} for n in served[-len(texts):]]
 
     monkeypatch.setattr(chunks_pkg, "precompute_chunks", answers)
+    monkeypatch.setattr(runner, "wait_for_store_writes", lambda url, timeout_s: None)  # no server
     monkeypatch.setattr(runner, "_running_server",
                         lambda url, path: runner._Target(str(model_path), str(model_path), 16,
                                                          True))
@@ -452,3 +454,42 @@ def test_a_server_that_tokenizes_a_chunk_otherwise_stops_the_ingest(
     assert summary.precomputed == 2 and summary.remaining == 2 and len(served) == 4
     assert "tokenized chunk 0 of 'c.jsonl:3'" in summary.error
     assert runner.summary_exit_code(summary) == 1
+
+
+def test_a_batch_is_done_only_once_the_store_has_written_it():
+    """Regression: ingest stopped its server while the disk writes were still queued, and the
+    state file listed chunks that never reached the disk tier."""
+    import http.server
+    import threading
+
+    from sglang_cacheblend.ingest.runner import wait_for_store_writes
+
+    queued = [3, 1, 0]
+    seen = []
+
+    class Info(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            value = queued.pop(0) if len(queued) > 1 else queued[0]
+            seen.append(value)
+            body = json.dumps({"internal_states": [{"cacheblend": {
+                "store": {"queued_writes": value}}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Info)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        wait_for_store_writes(url, timeout_s=10)
+        assert seen == [3, 1, 0]  # polled until nothing was queued
+        queued[:] = [5]
+        with pytest.raises(RuntimeError, match="5 chunk writes queued"):
+            wait_for_store_writes(url, timeout_s=0.3)
+    finally:
+        server.shutdown()

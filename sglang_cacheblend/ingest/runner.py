@@ -162,6 +162,28 @@ def _chunk_evictions(url: str) -> int | None:
         return None
 
 
+def wait_for_store_writes(url: str, timeout_s: float = 300.0) -> None:
+    """Wait until the server's store has written every queued chunk to its persistent tiers.
+
+    A batch is recorded as done only after this, so the state file never lists a chunk whose
+    KV has not landed on disk (or in Mooncake): stopping the server right after ingest, or a
+    crash, loses nothing recorded. A server without tiers returns at once. ``RuntimeError`` if
+    the writes do not land in ``timeout_s``.
+    """
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = requests.get(url + "/server_info", timeout=60).json()
+        store = info["internal_states"][0]["cacheblend"].get("store", {})
+        if not store.get("queued_writes"):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server's store still has {store['queued_writes']} chunk "
+                               f"writes queued after {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
 def _write_chunks(path: Path, plan: IngestPlan) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -267,6 +289,7 @@ def _ingest(job: _Job, url: str | None) -> IngestSummary:
         if not isinstance(outputs, list) or len(outputs) != len(batch):
             raise RuntimeError(f"the server answered {len(batch)} precomputes with {outputs!r}")
         _check_tokenized_alike(batch, outputs, job.sink_len)
+        wait_for_store_writes(url, timeout_s=args.timeout)
 
     evictions_before = _chunk_evictions(url) if url and job.pending else None
     result = precompute_batches(job.pending, precompute, job.state, batch=args.batch,
