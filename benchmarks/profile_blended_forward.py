@@ -13,7 +13,7 @@ as ``bench_blended_forward.py``), after a warm-up. Operators are grouped by thei
 
 The chunk KV realignment (RoPE rotation of cached keys) happens before ``blended_prefill`` in
 this offline path; on the server it is part of the request's forward
-(``PoolKVStore.seed_chunks``), so it is timed separately here and added as its own line.
+(``srt.layer_loader.ChunkSeeder``), so it is timed separately here and added as its own line.
 
 Writes ``docs/results/blend_profile.{json,md}``. Usage::
 
@@ -96,7 +96,7 @@ def main() -> None:
     flat = prompt.cached_k[:, reused].reshape(-1, ops.num_kv_heads, ops.head_dim)
     positions = reused.repeat(ops.num_layers)
 
-    def realign() -> None:  # what the server's seed_chunks does per request (delta 100 here)
+    def realign() -> None:  # what the server's ChunkSeeder does per request (delta 100 here)
         realign_keys(flat, positions, positions + 100, ops.rotary)
 
     for fn in (dense, blend, realign):  # warm-up

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from sglang_cacheblend.chunks.hints import precompute_hints
 from sglang_cacheblend.chunks.markers import chunk
 
-__all__ = ["precompute_chunks"]
+__all__ = ["precompute_chunks", "wait_for_store_writes"]
 
 
 def precompute_chunks(
@@ -40,3 +41,25 @@ def precompute_chunks(
     if response.status_code != 200:
         raise ValueError(f"precompute failed ({response.status_code}): {response.text}")
     return response.json()
+
+
+def wait_for_store_writes(url: str, timeout_s: float = 300.0) -> None:
+    """Wait until the server's store has written every queued chunk to its persistent tiers.
+
+    Chunks are written to disk/Mooncake on a writer thread after they are computed, so a
+    precompute's answer comes before its KV is durable: ingest records a batch only after
+    this, and benchmarks wait here so writes never overlap a measurement. A server without
+    tiers returns at once. ``RuntimeError`` if the writes do not land in ``timeout_s``.
+    """
+    import requests  # only clients that talk to a server pay for it
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = requests.get(url + "/server_info", timeout=60).json()
+        store = info["internal_states"][0]["cacheblend"].get("store", {})
+        if not store.get("queued_writes"):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server's store still has {store['queued_writes']} chunk "
+                               f"writes queued after {timeout_s:.0f} s")
+        time.sleep(0.1)

@@ -42,58 +42,43 @@ import requests
 from tqdm import tqdm
 
 from sglang_cacheblend.chunks import chunk_hints, precompute_hints
+from sglang_cacheblend.chunks.client import wait_for_store_writes
+from sglang_cacheblend.eval.load import Client
 
 POOL_TOKENS = 8000
 TIERS = ("pool", "host", "disk", "mooncake")
-TIMEOUT_S = 900.0
 
 
-class TierClient:
-    """The calls the tier benchmark makes to one server."""
+class TierClient(Client):
+    """The benchmark's client (flush, server state), plus token-id requests with their report."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
-
-    def generate(self, input_ids: list[int], *, salt: str, spans=None,
-                 ratio: float | None = None) -> tuple[float, dict | None]:
+    def generate_ids(self, input_ids: list[int], *, salt: str, spans=None,
+                     ratio: float | None = None) -> tuple[float, dict | None]:
+        """One ``max_new_tokens=1`` request; its latency and its ``meta_info`` report."""
         body: dict[str, Any] = {"input_ids": input_ids, "cache_salt": salt,
                                 "sampling_params": {"temperature": 0, "max_new_tokens": 1}}
         if spans is not None:
             body["kv_hints"] = chunk_hints(spans, recompute_ratio=ratio)
         started = time.perf_counter()
-        response = requests.post(self.url + "/generate", json=body, timeout=TIMEOUT_S)
+        response = requests.post(self.url + "/generate", json=body, timeout=self.timeout_s)
         latency = time.perf_counter() - started
         if response.status_code != 200:
             raise RuntimeError(f"/generate failed ({response.status_code}): {response.text}")
         report = response.json()["meta_info"].get("cacheblend")
         return latency, None if not report else report[0]
 
-    def precompute(self, chunks: Sequence[list[int]], salt: str, batch: int = 4) -> None:
+    def precompute_ids(self, chunks: Sequence[list[int]], salt: str, batch: int = 4) -> None:
+        """Precompute token-id chunks, ``batch`` per request, then wait for their writes."""
         for i in range(0, len(chunks), batch):
+            part = list(chunks[i:i + batch])
             response = requests.post(self.url + "/generate", json={
-                "input_ids": list(chunks[i:i + batch]), "cache_salt": [salt] * len(
-                    chunks[i:i + batch]), "sampling_params": {"max_new_tokens": 0},
-                "kv_hints": precompute_hints()}, timeout=TIMEOUT_S)
+                "input_ids": part, "cache_salt": [salt] * len(part),
+                "sampling_params": {"max_new_tokens": 0}, "kv_hints": precompute_hints()},
+                timeout=self.timeout_s)
             if response.status_code != 200:
                 raise RuntimeError(f"precompute failed ({response.status_code}): "
                                    f"{response.text}")
-
-    def flush(self) -> None:
-        for _ in range(40):
-            if requests.post(self.url + "/flush_cache", timeout=60).status_code == 200:
-                return
-            time.sleep(0.5)
-        raise RuntimeError("the server refused /flush_cache 40 times")
-
-    def state(self) -> dict[str, Any]:
-        info = requests.get(self.url + "/server_info", timeout=60).json()
-        return info["internal_states"][0]["cacheblend"]
-
-    def settle(self, timeout_s: float = 300.0) -> None:
-        """Wait until the store's writer has nothing queued."""
-        deadline = time.monotonic() + timeout_s
-        while self.state()["store"]["queued_writes"] and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for_store_writes(self.url)  # writes must never overlap a measurement
 
 
 def build_prompt(passages: Sequence[list[int]], order: Sequence[int], head: list[int],
@@ -116,19 +101,17 @@ def run_server(client: TierClient, passages: list[list[int]], head: list[int],
     for rep in range(-1, reps):  # rep -1 warms every path up and is not recorded
         client.flush()
         ordered, _ = build_prompt(passages, range(n), head, question)
-        full_s, _ = client.generate(ordered, salt=uuid.uuid4().hex)
+        full_s, _ = client.generate_ids(ordered, salt=uuid.uuid4().hex)
         rows.append({"server": label, "rep": rep, "mode": "full", "ttft_s": full_s,
                      "prompt_tokens": len(ordered)})
         def fill_pool() -> None:  # other chunks, until the pool has evicted everything older
             fillers = [[rng.randrange(1000, 30000) for _ in range(filler_len)]
                        for _ in range(POOL_TOKENS // filler_len + 1)]
-            client.precompute(fillers, uuid.uuid4().hex)
-            client.settle()
+            client.precompute_ids(fillers, uuid.uuid4().hex)
 
         fill_pool()  # a full pool: the pool and host requests both evict (and spill) to fit
         salt = uuid.uuid4().hex
-        client.precompute(passages, salt)
-        client.settle()
+        client.precompute_ids(passages, salt)
         for tier in tiers:
             if tier == "host":
                 fill_pool()
@@ -138,7 +121,7 @@ def run_server(client: TierClient, passages: list[list[int]], head: list[int],
                         path.unlink()
                 client.flush()
             ids, spans = build_prompt(passages, rng.sample(range(n), n), head, question)
-            ttft, report = client.generate(ids, salt=salt, spans=spans, ratio=ratio)
+            ttft, report = client.generate_ids(ids, salt=salt, spans=spans, ratio=ratio)
             sources = (report or {}).get("chunk_sources", {})
             if not report or not report.get("blended") or sources.get(tier) != n:
                 raise RuntimeError(f"{label} {tier}: expected all {n} chunks from {tier}, got "
@@ -148,7 +131,6 @@ def run_server(client: TierClient, passages: list[list[int]], head: list[int],
                          "load_wait_s": report.get("load_wait_s"),
                          "store_read_s": report.get("store_read_s", 0.0),
                          "recomputed_rows": report.get("recomputed_rows")})
-            client.settle()
         if bar is not None:
             bar.update()
     return [row for row in rows if row["rep"] >= 0]

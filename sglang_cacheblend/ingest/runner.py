@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sglang_cacheblend.chunks.client import wait_for_store_writes
 from sglang_cacheblend.ingest.batches import (
     IngestPlan,
     IngestSummary,
@@ -160,28 +161,6 @@ def _chunk_evictions(url: str) -> int | None:
         return int(info["internal_states"][0]["cacheblend"]["chunk_index"]["evictions"])
     except (requests.RequestException, KeyError, IndexError, TypeError, ValueError):
         return None
-
-
-def wait_for_store_writes(url: str, timeout_s: float = 300.0) -> None:
-    """Wait until the server's store has written every queued chunk to its persistent tiers.
-
-    A batch is recorded as done only after this, so the state file never lists a chunk whose
-    KV has not landed on disk (or in Mooncake): stopping the server right after ingest, or a
-    crash, loses nothing recorded. A server without tiers returns at once. ``RuntimeError`` if
-    the writes do not land in ``timeout_s``.
-    """
-    import requests
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        info = requests.get(url + "/server_info", timeout=60).json()
-        store = info["internal_states"][0]["cacheblend"].get("store", {})
-        if not store.get("queued_writes"):
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the server's store still has {store['queued_writes']} chunk "
-                               f"writes queued after {timeout_s:.0f} s")
-        time.sleep(0.1)
 
 
 def _write_chunks(path: Path, plan: IngestPlan) -> None:

@@ -224,8 +224,8 @@ class ChunkAdmission:
         for match in missed:
             n = match.end - match.start
             token_ids = req.origin_input_ids[match.start:match.end]
-            hit = None if n > remaining_tokens() else store.get(
-                cache.store_key(state.namespace, token_ids))
+            key = cache.store_key(state.namespace, token_ids)
+            hit = None if n > remaining_tokens() else store.get(key)
             why = "" if hit is None else check_fits_pool(hit.kv, pool, token_ids)
             if why:
                 logger.warning("request %s: stored chunk [%d, %d) from the %s tier not used (%s); "
@@ -237,6 +237,8 @@ class ChunkAdmission:
                 cache.evict(EvictParams(num_tokens=n - allocator.available_size()))
             slots = allocator.alloc(n)
             if slots is None:
+                if hit.tier == "host":  # a host hit left host RAM: put it back
+                    store.spill(key, hit.kv)
                 still_missed.append(match)
                 continue
             load = ChunkLoad(match.start, match.end, torch.tensor(token_ids, dtype=torch.int64),
@@ -326,8 +328,8 @@ class ChunkAdmission:
             self._cache.token_to_kv_pool_allocator.free_segment(result.redundant_loc,
                                                                 start_pos=0)
 
-    def record_load(self, rid: Hashable, *, tokens: int, load_s: float, wait_s: float,
-                    compute_s: float, computed_rows: int) -> None:
+    def record_load(self, rid: Hashable, *, tokens: int, load_s: float, compute_s: float,
+                    computed_rows: int) -> None:
         """A blended forward's measured speeds, for the Loading Controller."""
         controller = self._cache.loading_controller
         layers = int(self._cache.token_to_kv_pool_allocator.get_kvcache().layer_num)

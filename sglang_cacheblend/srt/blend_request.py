@@ -134,8 +134,8 @@ class BlendRequestSource(Protocol):
     def store_loaded_chunk(self, rid: str, load: ChunkLoad) -> None:
         """Hand a chunk loaded from a lower tier, now in its pool slots, to the chunk index."""
 
-    def record_load(self, rid: str, *, tokens: int, load_s: float, wait_s: float,
-                    compute_s: float, computed_rows: int) -> None:
+    def record_load(self, rid: str, *, tokens: int, load_s: float, compute_s: float,
+                    computed_rows: int) -> None:
         """Measured speeds of one blended forward (the Loading Controller's input)."""
 
     def finish_forward(self, rid: str, *, blended: bool, reason: str = "") -> None:

@@ -35,7 +35,7 @@ from sglang_cacheblend.blend.forward import blend_layers
 from sglang_cacheblend.blend.rotary_config import RotaryConfig
 from sglang_cacheblend.config import BlendConfig
 from sglang_cacheblend.srt.blend_request import BlendRequest, BlendRequestSource, ChunkHit
-from sglang_cacheblend.srt.layer_loader import ChunkSeeder, LayerPipeline
+from sglang_cacheblend.srt.layer_loader import ChunkSeeder, LayerPipeline, LoadTimes
 from sglang_cacheblend.srt.pool_kv_store import PoolKVStore
 from sglang_cacheblend.srt.server_options import current_options
 from sglang_cacheblend.srt.sglang_decoder import SGLangDecoderOps
@@ -133,26 +133,26 @@ class BlendedExtendMixin:
             store = PoolKVStore(pool, ops, slots, prefix_len)
             span = slice(offset, offset + extend_len)
             started = time.perf_counter()
-            self._last_load_times = None
+            times = LoadTimes()  # a request that does not blend loads nothing
             if request is not None:
                 try:
-                    plan, standalone_s = self._blend_one(rid, request, hidden[span],
-                                                         positions[span], store)
+                    plan, standalone_s, times = self._blend_one(rid, request, hidden[span],
+                                                                positions[span], store)
                     outcomes[rid] = ""
                 except Exception as exc:  # noqa: BLE001 - never into the scheduler loop
                     logger.exception("request %s: blended prefill failed; prefilling in full", rid)
                     outcomes[rid] = (f"blended prefill failed ({type(exc).__name__}): "
                                      "prefilled in full")
                     request = None
+                    times = LoadTimes()
                     hidden[span] = ops.embed(input_ids[span])
             if request is None:
                 standalone_s = 0.0
                 plan = blend_layers(ops, hidden[span], positions[span],
                                     torch.zeros(extend_len, dtype=torch.bool), store, _FULL)
-            times = self._last_load_times
             stats[rid] = {
-                "load_s": 0.0 if times is None else round(times.load_s, 6),
-                "load_wait_s": 0.0 if times is None else round(times.wait_s, 6),
+                "load_s": round(times.load_s, 6),
+                "load_wait_s": round(times.wait_s, 6),
                 "reused_tokens": plan.num_reused,
                 "recomputed_rows": plan.recomputed_rows,
                 "full_rows": plan.full_rows,
@@ -164,9 +164,11 @@ class BlendedExtendMixin:
         return self.model.norm(hidden), stats, outcomes
 
     def _blend_one(self, rid: str, request: BlendRequest, hidden: torch.Tensor,
-                   positions: torch.Tensor, store: PoolKVStore) -> tuple[Any, float]:
+                   positions: torch.Tensor, store: PoolKVStore) -> tuple[Any, float, LoadTimes]:
         """Misses computed standalone, every chunk's KV seeded layer by layer (behind the
-        compute when pipelined), the blended layers run, the new chunks handed to the index."""
+        compute when pipelined), the blended layers run, the new chunks handed to the index.
+
+        Returns the plan, the seconds of standalone compute and the pipeline's load times."""
         started = time.perf_counter()
         computed = self._compute_misses(request)
         standalone_s = time.perf_counter() - started
@@ -192,10 +194,9 @@ class BlendedExtendMixin:
             self._blend_source.store_loaded_chunk(rid, load)
         times = pipeline.times
         self._blend_source.record_load(
-            rid, tokens=int(reuse_mask.sum()), load_s=times.load_s, wait_s=times.wait_s,
+            rid, tokens=int(reuse_mask.sum()), load_s=times.load_s,
             compute_s=max(blend_s - times.wait_s, 0.0), computed_rows=plan.recomputed_rows)
-        self._last_load_times = times
-        return plan, standalone_s
+        return plan, standalone_s, times
 
     def _compute_misses(self, request: BlendRequest) -> list[ChunkHit]:
         """Compute each missed chunk standalone (sink first) into its fresh slots.

@@ -24,6 +24,7 @@ from pathlib import Path
 import requests
 
 from sglang_cacheblend.chunks import chunk_hints, precompute_hints
+from sglang_cacheblend.chunks.client import wait_for_store_writes
 from sglang_cacheblend.store.mooncake_service import MooncakeService
 from tests.conftest import running_server
 
@@ -61,9 +62,7 @@ def state(server) -> dict:
 
 
 def settle(server) -> None:
-    deadline = time.monotonic() + 120
-    while state(server)["store"]["queued_writes"] and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for_store_writes(server.base_url, timeout_s=120)
 
 
 def main(model_path: str, log_dir: str) -> None:

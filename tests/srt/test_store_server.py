@@ -10,13 +10,13 @@ recomputed. After all of it, nothing is locked and every pool slot is accounted 
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
 from sglang_cacheblend.chunks import chunk_hints, precompute_hints
+from sglang_cacheblend.chunks.client import wait_for_store_writes
 from tests.conftest import running_server
 
 TIMEOUT = 600
@@ -62,12 +62,8 @@ def _state(server) -> dict:
 
 def _settled(server) -> dict:
     """The state once the store's writer queue is empty (bounded wait)."""
-    deadline = time.monotonic() + 60
-    while True:
-        state = _state(server)
-        if state["store"]["queued_writes"] == 0 or time.monotonic() > deadline:
-            return state
-        time.sleep(0.2)
+    wait_for_store_writes(server.base_url, timeout_s=60)
+    return _state(server)
 
 
 def _assert_nothing_leaked(state: dict) -> None:
