@@ -18,12 +18,15 @@ def precompute_chunks(
     *,
     cache_salt: str | None = None,
     extra_key: str | None = None,
+    chunk_context: str | None = None,
     timeout: float = 600.0,
 ) -> list[dict[str, Any]]:
-    """Compute each text standalone and store its KV in the server's chunk index.
+    """Compute each text's chunk KV and store it in the server's chunk index.
 
     One batched ``/generate`` call with ``max_new_tokens: 0``; returns SGLang's outputs, one per
-    text. ``cache_salt``/``extra_key`` must match those of the requests that will reuse them.
+    text. ``cache_salt``/``extra_key`` must match those of the requests that will reuse them,
+    and so must ``chunk_context`` (None or "server": after the server's chunk context, if it
+    has one; "none": standalone after the sink).
     """
     import requests  # only clients that talk to a server pay for it
 
@@ -32,7 +35,7 @@ def precompute_chunks(
     body: dict[str, Any] = {
         "text": [chunk(text) for text in texts],
         "sampling_params": {"max_new_tokens": 0},
-        "kv_hints": precompute_hints(),
+        "kv_hints": precompute_hints(chunk_context=chunk_context),
     }
     for name, value in (("cache_salt", cache_salt), ("extra_key", extra_key)):
         if value is not None:

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sglang_cacheblend.chunks.context import CONTEXT_CHOICES
 from sglang_cacheblend.chunks.spans import Span, validate_spans
 from sglang_cacheblend.config import SELECTOR_NAMES
 
@@ -37,25 +38,31 @@ def chunk_hints(
     selector: str | None = None,
     gradual: Sequence[tuple[int, float]] | None = None,
     ratio_policy: str | None = None,
+    chunk_context: str | None = None,
     message_id: str = "cacheblend",
 ) -> dict[str, Any]:
     """A ``kv_hints`` envelope marking ``[start, end)`` spans of ``input_ids`` as chunks.
 
     ``recompute_ratio``, ``selector`` and ``gradual`` (``[(layer, ratio), ...]``) override the
     server's blend settings for this request only; ``ratio_policy="controller"`` lets the
-    server's Loading Controller pick the ratio (``"fixed"``: never).
+    server's Loading Controller pick the ratio (``"fixed"``: never); ``chunk_context="none"``
+    reuses chunk KV computed standalone even on a server with a chunk context
+    (``"server"``: the server's, the default).
     """
     payload: dict[str, Any] = {"spans": [[int(s), int(e)] for s, e in spans]}
     overrides = {"recompute_ratio": recompute_ratio, "selector": selector,
                  "gradual": None if gradual is None else [[int(l), float(r)] for l, r in gradual],
-                 "ratio_policy": ratio_policy}
+                 "ratio_policy": ratio_policy, "chunk_context": chunk_context}
     payload.update({k: v for k, v in overrides.items() if v is not None})
     return envelope(ACTION_CHUNKS, payload, message_id)
 
 
-def precompute_hints(*, message_id: str = "cacheblend") -> dict[str, Any]:
-    """A ``kv_hints`` envelope asking the server to compute the request's one chunk standalone."""
-    return envelope(ACTION_PRECOMPUTE, {}, message_id)
+def precompute_hints(*, chunk_context: str | None = None,
+                     message_id: str = "cacheblend") -> dict[str, Any]:
+    """A ``kv_hints`` envelope asking the server to compute the request's one chunk for the
+    chunk index: after the server's chunk context, or standalone with ``chunk_context="none"``."""
+    payload = {} if chunk_context is None else {"chunk_context": chunk_context}
+    return envelope(ACTION_PRECOMPUTE, payload, message_id)
 
 
 def envelope(action_type: str, payload: dict[str, Any], message_id: str) -> dict[str, Any]:
@@ -69,7 +76,9 @@ def envelope(action_type: str, payload: dict[str, Any], message_id: str) -> dict
     return {"protocol_version": "1", "message_id": message_id, "actions": [action]}
 
 
-_PAYLOAD_KEYS = frozenset({"spans", "recompute_ratio", "selector", "gradual", "ratio_policy"})
+_PAYLOAD_KEYS = frozenset({"spans", "recompute_ratio", "selector", "gradual", "ratio_policy",
+                           "chunk_context"})
+_PRECOMPUTE_KEYS = frozenset({"chunk_context"})
 RATIO_POLICIES = ("fixed", "controller")
 
 
@@ -89,6 +98,7 @@ class ClientAction:
     selector: str | None = None
     gradual: tuple[tuple[int, float], ...] | None = None
     ratio_policy: str | None = None
+    chunk_context: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "spans", validate_spans(self.spans, _max_end(self.spans)))
@@ -112,6 +122,9 @@ class ClientAction:
                 self.recompute_ratio is not None or self.gradual is not None):
             raise ValueError("ratio_policy 'controller' picks the ratio: give no "
                              "recompute_ratio or gradual with it")
+        if self.chunk_context is not None and self.chunk_context not in CONTEXT_CHOICES:
+            raise ValueError(f"chunk_context must be one of {list(CONTEXT_CHOICES)}, got "
+                             f"{self.chunk_context!r}")
 
     @property
     def overrides_blend(self) -> bool:
@@ -136,12 +149,13 @@ def read_client_action(actions: Iterable[tuple[str, str, Any]]) -> ClientAction 
     payload = {} if payload is None else payload
     if not isinstance(payload, Mapping):
         raise ValueError(f"{kind} payload must be an object, got {payload!r}")
-    if kind == ACTION_PRECOMPUTE:
-        return ClientAction(True)
-    unknown = sorted(set(payload) - _PAYLOAD_KEYS)
+    known = _PRECOMPUTE_KEYS if kind == ACTION_PRECOMPUTE else _PAYLOAD_KEYS
+    unknown = sorted(set(payload) - known)
     if unknown:
         raise ValueError(f"{kind} payload has unknown keys {unknown}; known: "
-                         f"{sorted(_PAYLOAD_KEYS)}")
+                         f"{sorted(known)}")
+    if kind == ACTION_PRECOMPUTE:
+        return ClientAction(True, chunk_context=payload.get("chunk_context"))
     if "spans" not in payload:
         raise ValueError(f"{kind} payload needs 'spans': a list of [start, end] pairs")
     spans = payload["spans"]
@@ -149,7 +163,7 @@ def read_client_action(actions: Iterable[tuple[str, str, Any]]) -> ClientAction 
         raise ValueError(f"chunk spans must be a list of [start, end] pairs, got {spans!r}")
     return ClientAction(False, tuple(spans), payload.get("recompute_ratio"),
                         payload.get("selector"), payload.get("gradual"),
-                        payload.get("ratio_policy"))
+                        payload.get("ratio_policy"), payload.get("chunk_context"))
 
 
 def _is_unit_number(value: Any) -> bool:

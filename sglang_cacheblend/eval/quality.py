@@ -9,7 +9,11 @@ the first ``--passages`` passages as chunks, the question) under each mode:
   (ratio 0);
 - ``blend@R``: CacheBlend at each ratio of ``--ratios`` with the server's selector;
 - at ``--main-ratio``: each selector of ``--selectors`` and a gradual schedule
-  (``2R`` at the check layer narrowed to ``R`` by ``--gradual-end-layer``).
+  (``2R`` at the check layer narrowed to ``R`` by ``--gradual-end-layer``);
+- with ``--chunk-context`` (``builtin[:N]`` or a file; the server computes chunk KV after it):
+  every mode above twice, on standalone chunk KV (its plain name) and on context-conditioned
+  chunk KV (``ctx <name>``), on the same server, so both are scored against the same full
+  prefill and the gap is always measured from standalone reuse.
 
 Per item and mode: mean KL to full prefill over full prefill's greedy continuation
 (teacher-forced on the KV the prompt alone produced; distributions on full prefill's top-k ids
@@ -23,6 +27,7 @@ KL_reuse``. Results go to ``<out>/quality.{json,csv,md}`` with plots.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -66,10 +71,23 @@ class QualityConfig:
     main_ratio: float = 0.15
     selectors: tuple[str, ...] = ("v_deviation", "k_deviation")
     gradual_end_layer: int | None = 8  # None: no gradual mode
+    chunk_context: str | None = None  # the server's --cacheblend-chunk-context, if any
 
 
 def modes_for(config: QualityConfig) -> list[Mode]:
-    """Full, reuse, the ratio sweep, and the selector / gradual variants at the main ratio."""
+    """Full, reuse, the ratio sweep, and the selector / gradual variants at the main ratio;
+    with a chunk context, each blended mode on standalone and on context-conditioned KV."""
+    modes = _standalone_modes(config)
+    if config.chunk_context is None:
+        return modes
+    standalone = [m if not m.blend else dataclasses.replace(m, chunk_context="none")
+                  for m in modes]
+    in_context = [dataclasses.replace(m, name=f"ctx {m.name}", chunk_context="server")
+                  for m in modes if m.blend]
+    return [*standalone, *in_context]
+
+
+def _standalone_modes(config: QualityConfig) -> list[Mode]:
     r = config.main_ratio
     modes = [FULL, REUSE]
     modes += [Mode(f"blend@{ratio:g}", True, ratio) for ratio in config.ratios]
@@ -145,11 +163,10 @@ def write_report(out: Path, config: QualityConfig, rows: list[dict[str, Any]],
     """JSON + CSV (:mod:`.results`), a Markdown table and the two plots."""
     out.mkdir(parents=True, exist_ok=True)
     paths = write_results(out, "quality", config=_jsonable(config), rows=rows, summary=summary)
-    sweep = [(0.0, summary[REUSE.name]["kl"])] + [
-        (float(name.split("@")[1]), values["kl"]) for name, values in summary.items()
-        if name.startswith("blend@")
-    ]
-    plot_quality_vs_ratio({"CacheBlend (server selector)": sorted(sweep)},
+    series = {"CacheBlend (server selector)": _sweep(summary, "")}
+    if f"ctx {REUSE.name}" in summary:
+        series["CacheBlend on context-conditioned chunk KV"] = _sweep(summary, "ctx ")
+    plot_quality_vs_ratio(series,
                           out / "quality_kl_vs_ratio.png", full_prefill=0.0,
                           full_reuse=summary[REUSE.name]["kl"],
                           ylabel="mean KL to full prefill (16 teacher-forced positions)",
@@ -177,6 +194,14 @@ def write_report(out: Path, config: QualityConfig, rows: list[dict[str, Any]],
     (out / "quality.md").write_text("\n".join(lines))
 
 
+def _sweep(summary: dict[str, dict[str, float]], prefix: str) -> list[tuple[float, float]]:
+    """(ratio, mean KL) of reuse and every ``blend@R`` mode whose name starts with ``prefix``."""
+    points = [(0.0, summary[prefix + REUSE.name]["kl"])]
+    points += [(float(name.split("@")[1]), values["kl"]) for name, values in summary.items()
+               if name.startswith(prefix + "blend@")]
+    return sorted(points)
+
+
 def _jsonable(config: QualityConfig) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(config).items()}
 
@@ -197,6 +222,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gradual-end-layer", type=int, default=defaults.gradual_end_layer)
     parser.add_argument("--no-gradual", action="store_true",
                         help="skip the gradual-filtering mode")
+    parser.add_argument("--chunk-context", default=None,
+                        help="also score every blended mode on chunk KV computed after this "
+                             "context (builtin[:N] or a text file; the started server gets "
+                             "--cacheblend-chunk-context with it)")
     parser.add_argument("--url", help="a running --enable-cacheblend server (else one is started)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
 
@@ -213,6 +242,7 @@ def run(args: argparse.Namespace, server_args: list[str], command: str) -> int:
         max_new_tokens=args.max_new_tokens, top_k=args.top_k, ratios=tuple(args.ratios),
         main_ratio=args.main_ratio, selectors=tuple(args.selectors),
         gradual_end_layer=None if args.no_gradual else args.gradual_end_layer,
+        chunk_context=args.chunk_context,
     )
     model_path = ensure_model()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -224,6 +254,8 @@ def run(args: argparse.Namespace, server_args: list[str], command: str) -> int:
     else:
         flags = server_args if "--enable-cacheblend" in server_args else [
             "--enable-cacheblend", *server_args]
+        if config.chunk_context is not None:
+            flags = [*flags, "--cacheblend-chunk-context", config.chunk_context]
         with ServerProcess(args=flags, model_path=model_path,
                            log_path=args.out / "server.log") as server:
             rows = evaluate(server.base_url, config, decode, encode)

@@ -40,7 +40,8 @@ class Mode:
     """How a prompt is served: full prefill (no chunks) or blended.
 
     ``recompute_ratio``, ``selector`` and ``gradual`` override the server's blend settings for
-    the request (None: the server's); ratio 0.0 is plain chunk reuse.
+    the request (None: the server's); ratio 0.0 is plain chunk reuse. ``chunk_context``
+    "none" reuses standalone chunk KV on a server with a chunk context (None: the server's).
     """
 
     name: str
@@ -48,6 +49,7 @@ class Mode:
     recompute_ratio: float | None = None
     selector: str | None = None
     gradual: tuple[tuple[int, float], ...] | None = None
+    chunk_context: str | None = None
 
 
 FULL = Mode("full", blend=False)
@@ -153,7 +155,8 @@ class TeacherForcer:
         }
         if mode.blend:
             body["kv_hints"] = chunk_hints(spans, recompute_ratio=mode.recompute_ratio,
-                                           selector=mode.selector, gradual=mode.gradual)
+                                           selector=mode.selector, gradual=mode.gradual,
+                                           chunk_context=mode.chunk_context)
         response = requests.post(f"{self.base_url}/generate", json=body, timeout=self.timeout_s)
         if response.status_code != 200:
             raise RuntimeError(f"/generate answered {response.status_code}: {response.text}")

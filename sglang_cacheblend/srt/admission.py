@@ -37,8 +37,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
+from sglang_cacheblend.chunks import prefix_variant
 from sglang_cacheblend.srt.blend_namespace import chunk_extra_key
-from sglang_cacheblend.srt.blend_request import BlendRequest, ChunkHit, ChunkLoad, ChunkMiss
+from sglang_cacheblend.srt.blend_request import (
+    BlendRequest,
+    ChunkHit,
+    ChunkLoad,
+    ChunkMiss,
+    ContextPrefix,
+)
 from sglang_cacheblend.srt.loading_controller import POOL
 from sglang_cacheblend.srt.pool_chunk_io import check_fits_pool
 
@@ -84,7 +91,8 @@ class RequestChunks:
     namespace: ChunkNamespace
     report: dict[str, object]
     blend: BlendRequest | None = None
-    pending: dict[int, ChunkMiss | ChunkLoad] = field(default_factory=dict)
+    pending: dict[int, ChunkMiss | ChunkLoad | ContextPrefix] = field(default_factory=dict)
+    context_namespace: ChunkNamespace | None = None  # the chunk context's own KV, if any
 
 
 class ChunkAdmission:
@@ -124,12 +132,19 @@ class ChunkAdmission:
             "chunk_misses": sum(not m.hit for m in matches),
         })
         self._requests[req.rid] = state
+        if request.context:
+            state.report["chunk_context_tokens"] = len(request.context)
+            state.context_namespace = self._context_namespace(req, request)
+        # The chunk context's own KV is locked with the hits when a chunk missed (the misses
+        # are computed after it), so the budget check below covers it too.
+        context = self._match_context(req, state, matches)
         # Locking also counts each span once as a hit or a miss (the index's statistics), so it
         # happens for every admitted request; the locks go again at once if nothing will read them.
-        locked = self._cache.chunk_index.lock(req.rid, matches)
+        locked = self._cache.chunk_index.lock(
+            req.rid, [*matches, *([] if context is None else [context])])
         reason = self._why_not(req, request, matches)
         if not reason:
-            reason = self._plan(req, state, matches, locked, remaining_tokens)
+            reason = self._plan(req, state, matches, locked, remaining_tokens, context)
         state.report["blended"] = state.blend is not None
         if state.blend is None:
             state.report["reason"] = reason
@@ -162,7 +177,8 @@ class ChunkAdmission:
         return ""
 
     def _plan(self, req: Req, state: RequestChunks, matches: Sequence[ChunkMatch],
-              locked: LockResult, remaining_tokens: Callable[[], int]) -> str:
+              locked: LockResult, remaining_tokens: Callable[[], int],
+              context: ChunkMatch | None = None) -> str:
         """With the hits locked: allocate miss slots and set ``state.blend``; else say why not.
 
         Chunk tokens count whether they hit or not: a missed chunk is computed standalone first
@@ -176,7 +192,18 @@ class ChunkAdmission:
                      for i, m in enumerate(matches) if m.hit and i not in stale)
         missed = [m for i, m in enumerate(matches) if not m.hit or i in stale]
         loads, missed = self._load_from_store(req, state, missed, remaining_tokens)
-        misses = self._allocate_misses(req, state, missed, remaining_tokens)
+        prefix = None
+        if missed and state.request.context:
+            context_hit = context is not None and context.hit and len(matches) not in stale
+            prefix = self._context_prefix(state, context if context_hit else None,
+                                          remaining_tokens)
+        misses = ()
+        if prefix is not None or not state.request.context:
+            misses = self._allocate_misses(req, state, missed, remaining_tokens, prefix)
+        if prefix is not None:
+            state.report["chunk_context_cached"] = prefix.ready
+            if not misses:  # nothing will be computed after it
+                prefix = None
         if not hits and not misses and not loads:
             return "no free KV slots to compute the missed chunks standalone"
         sources = Counter({POOL: sum(h.end - h.start for h in hits)})
@@ -187,7 +214,8 @@ class ChunkAdmission:
             "computed": len(misses), "recomputed_in_place": len(missed) - len(misses)}
         config = self._choose_ratio(state, sources)
         state.blend = BlendRequest(hits, config, misses=misses,
-                                   prompt_len=len(req.origin_input_ids), loads=loads)
+                                   prompt_len=len(req.origin_input_ids), loads=loads,
+                                   context=prefix)
         return ""
 
     def _choose_ratio(self, state: RequestChunks, sources: Counter) -> Any:
@@ -256,8 +284,10 @@ class ChunkAdmission:
         return tuple(loads), still_missed
 
     def _allocate_misses(self, req: Req, state: RequestChunks, misses: Sequence[ChunkMatch],
-                         remaining_tokens: Callable[[], int]) -> tuple[ChunkMiss, ...]:
-        """Slots (sink + chunk) for each missed chunk, as far as the admission budget allows.
+                         remaining_tokens: Callable[[], int],
+                         context: ContextPrefix | None = None) -> tuple[ChunkMiss, ...]:
+        """Slots (sink + chunk, or just the chunk after a ``context``) for each missed chunk,
+        as far as the admission budget allows.
 
         The budget is live, so requests admitted after this one see these slots as taken. A
         chunk that does not fit is recomputed in place as an ordinary uncached span (the blend
@@ -266,7 +296,7 @@ class ChunkAdmission:
         cache = self._cache
         if not misses:
             return ()
-        sink = state.request.sink
+        sink = () if context is not None else state.request.sink
         allocator = cache.token_to_kv_pool_allocator
         out = []
         for match in misses:
@@ -281,11 +311,48 @@ class ChunkAdmission:
             miss = ChunkMiss(
                 match.start, match.end,
                 torch.tensor(req.origin_input_ids[match.start:match.end], dtype=torch.int64),
-                sink, slots[: len(sink)], slots[len(sink):],
+                sink, slots[: len(sink)], slots[len(sink):], context=context,
             )
             state.pending[id(miss)] = miss
             out.append(miss)
         return tuple(out)
+
+    def _match_context(self, req: Req, state: RequestChunks,
+                       matches: Sequence[ChunkMatch]) -> ChunkMatch | None:
+        """The chunk context's own index entry, looked up when the request has a context and
+        a chunk the pool missed (None otherwise)."""
+        if state.context_namespace is None or all(m.hit for m in matches):
+            return None
+        ids = state.request.prefix_ids
+        return self._cache.chunk_index.match(state.context_namespace, ids, [(0, len(ids))])[0]
+
+    def _context_prefix(self, state: RequestChunks, hit: ChunkMatch | None,
+                        remaining_tokens: Callable[[], int]) -> ContextPrefix | None:
+        """The KV the misses are computed after: the index's (locked at admission) or fresh
+        slots the forward fills first; None when those do not fit the budget (the misses are
+        then recomputed in place)."""
+        ids = torch.tensor(state.request.prefix_ids, dtype=torch.int64)
+        if hit is not None:
+            return ContextPrefix(ids, hit.kv_loc, ready=True)
+        n = ids.numel()
+        allocator = self._cache.token_to_kv_pool_allocator
+        if n > remaining_tokens():
+            return None
+        if allocator.available_size() < n:
+            self._cache.evict(EvictParams(num_tokens=n - allocator.available_size()))
+        slots = allocator.alloc(n)
+        if slots is None:
+            return None
+        prefix = ContextPrefix(ids, slots, ready=False)
+        state.pending[id(prefix)] = prefix
+        return prefix
+
+    def _context_namespace(self, req: Req, request: ChunkRequest) -> ChunkNamespace:
+        """Where the chunk context's own KV lives in the index: apart from every chunk's."""
+        return self._cache.chunk_namespace(
+            cache_salt=req.cache_salt, extra_key=chunk_extra_key(req.extra_key),
+            variant=prefix_variant(request.variant),
+        )
 
     # ------------------------------------------------------------------ model side
 
@@ -309,12 +376,26 @@ class ChunkAdmission:
         if state is None or state.pending.pop(id(miss), None) is None:
             raise KeyError(f"request {rid}: chunk [{miss.start}, {miss.end}) is not pending")
         allocator = self._cache.token_to_kv_pool_allocator
-        allocator.free_segment(miss.sink_loc, start_pos=0)
+        if miss.sink_loc.numel():
+            allocator.free_segment(miss.sink_loc, start_pos=0)
         result = self._cache.insert_chunk(
-            state.namespace, miss.token_ids.tolist(), miss.kv_loc, len(miss.sink_ids), rid=rid
+            state.namespace, miss.token_ids.tolist(), miss.kv_loc, miss.prefix_len, rid=rid
         )
         if result.redundant_loc is not None:
             allocator.free_segment(result.redundant_loc, start_pos=0)
+
+    def store_context(self, rid: Hashable, context: ContextPrefix) -> None:
+        """Take the chunk context's KV (computed by the model first) into the index, locked for
+        ``rid``; it is cheap to recompute, so it is not written to the store's tiers."""
+        state = self._requests.get(rid)
+        if state is None or state.pending.pop(id(context), None) is None:
+            raise KeyError(f"request {rid}: the chunk context is not pending")
+        result = self._cache.insert_chunk(
+            state.context_namespace, context.token_ids.tolist(), context.kv_loc, 0,
+            rid=rid, persist=False)
+        if result.redundant_loc is not None:
+            self._cache.token_to_kv_pool_allocator.free_segment(result.redundant_loc,
+                                                                start_pos=0)
 
     def store_loaded_chunk(self, rid: Hashable, load: ChunkLoad) -> None:
         """Take a chunk loaded from a tier below the pool (now in its slots) into the index,
@@ -400,7 +481,7 @@ class ChunkAdmission:
     def _free_pending(self, state: RequestChunks) -> None:
         allocator = self._cache.token_to_kv_pool_allocator
         for pending in state.pending.values():
-            if isinstance(pending, ChunkMiss):
+            if isinstance(pending, ChunkMiss) and pending.sink_loc.numel():
                 allocator.free_segment(pending.sink_loc, start_pos=0)
             allocator.free_segment(pending.kv_loc, start_pos=0)
         state.pending.clear()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 
 from sglang_cacheblend.config import BlendConfig
 
@@ -36,18 +37,24 @@ def config_digest(config: BlendConfig) -> str:
 
 
 def blend_extra_key(extra_key: str | None, config: BlendConfig, *,
-                    controller: bool = False) -> str:
+                    controller: bool = False, chunk_context: Sequence[int] = ()) -> str:
     """The prefix-tree ``extra_key`` of a request blended with ``config``.
 
     With ``controller`` the ratio is the Loading Controller's, chosen later: the key says
     ``rauto`` instead of a ratio, so such KV is shared only among controller-blended requests.
+    With a ``chunk_context`` (the ids chunk KV is computed after) the key names it too: the
+    blend of context-conditioned chunk KV is other KV than the blend of standalone chunk KV.
 
     Keeps the caller's ``extra_key`` (LoRA adapter, caller classification) after a ``|``, so
     blended prefixes are shared only among requests of the same kind. The ``|`` is always
     there: SGLang appends a LoRA id to the key as is, and it must land on the caller's side.
     """
     ratio = "auto" if controller else f"{config.recompute_ratio:g}"
-    return f"{BLEND_KEY_PREFIX}r{ratio}:{config_digest(config)}|{extra_key or ''}"
+    context = ""
+    if chunk_context:
+        raw = json.dumps([int(t) for t in chunk_context]).encode()
+        context = ":c" + hashlib.blake2b(raw, digest_size=6).hexdigest()
+    return f"{BLEND_KEY_PREFIX}r{ratio}:{config_digest(config)}{context}|{extra_key or ''}"
 
 
 def is_blend_extra_key(extra_key: str | None) -> bool:

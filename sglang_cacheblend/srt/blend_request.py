@@ -41,11 +41,33 @@ class ChunkHit:
 
 
 @dataclass(frozen=True, eq=False)
-class ChunkMiss:
-    """A prompt span ``[start, end)`` whose chunk was not cached: computed standalone first.
+class ContextPrefix:
+    """What a request's missed chunks are computed after on a server with a chunk context
+    (``--cacheblend-chunk-context``): the sink plus the context, at positions ``0..``.
 
-    The model runs ``sink_ids + token_ids`` at positions ``0..`` into ``sink_loc + kv_loc``
-    (fresh slots the cache allocated), then reuses it like a hit and hands it to the index.
+    Shared by every miss of the request and computed once per server: ``ready`` means
+    ``kv_loc`` are a locked chunk-index entry's slots holding its KV (read only); otherwise
+    they are fresh slots the model fills first, and admission then hands them to the index.
+    """
+
+    token_ids: torch.Tensor  # (n,) int64, CPU: the sink, then the context
+    kv_loc: torch.Tensor  # (n,) int64
+    ready: bool
+
+    def __post_init__(self) -> None:
+        n = self.token_ids.numel()
+        if n == 0 or self.token_ids.shape != (n,) or self.kv_loc.shape != (n,):
+            raise ValueError("ContextPrefix needs token_ids and kv_loc of one shape (n,), n > 0")
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkMiss:
+    """A prompt span ``[start, end)`` whose chunk was not cached: computed on its own first.
+
+    Standalone: the model runs ``sink_ids + token_ids`` at positions ``0..`` into
+    ``sink_loc + kv_loc`` (fresh slots the cache allocated). After a chunk ``context``: the
+    model runs ``token_ids`` after the context's KV, at the positions that follow it, into
+    ``kv_loc`` (no sink of its own). Then it is reused like a hit and handed to the index.
     """
 
     start: int
@@ -54,19 +76,28 @@ class ChunkMiss:
     sink_ids: tuple[int, ...]
     sink_loc: torch.Tensor  # (len(sink_ids),) int64
     kv_loc: torch.Tensor  # (end - start,) int64
+    context: ContextPrefix | None = None
 
     def __post_init__(self) -> None:
         n = self.end - self.start
         if n <= 0 or self.token_ids.shape != (n,) or self.kv_loc.shape != (n,):
             raise ValueError(f"ChunkMiss [{self.start}, {self.end}) needs token_ids and kv_loc "
                              f"of shape ({n},)")
-        if not self.sink_ids or self.sink_loc.shape != (len(self.sink_ids),):
+        if self.context is not None:
+            if self.sink_ids or self.sink_loc.numel():
+                raise ValueError("a ChunkMiss after a context has no sink of its own")
+        elif not self.sink_ids or self.sink_loc.shape != (len(self.sink_ids),):
             raise ValueError("ChunkMiss needs one sink slot per sink token (at least one)")
 
     @property
+    def prefix_len(self) -> int:
+        """Tokens the chunk KV is computed after (the sink, or the sink and the context)."""
+        return len(self.sink_ids) if self.context is None else self.context.token_ids.numel()
+
+    @property
     def positions(self) -> torch.Tensor:
-        """Positions the standalone chunk KV is computed at (right after the sink)."""
-        offset = len(self.sink_ids)
+        """Positions the chunk KV is computed at (right after the sink or the context)."""
+        offset = self.prefix_len
         return torch.arange(offset, offset + self.end - self.start)
 
 
@@ -114,6 +145,7 @@ class BlendRequest:
     misses: tuple[ChunkMiss, ...] = ()
     prompt_len: int | None = None
     loads: tuple[ChunkLoad, ...] = ()
+    context: ContextPrefix | None = None  # what the misses are computed after, if a context
 
     @property
     def reused_tokens(self) -> int:
@@ -130,6 +162,9 @@ class BlendRequestSource(Protocol):
 
     def store_computed_chunk(self, rid: str, miss: ChunkMiss) -> None:
         """Hand a missed chunk's standalone KV, now computed, to the chunk index."""
+
+    def store_context(self, rid: str, context: ContextPrefix) -> None:
+        """Hand the chunk context's KV, computed by this request's forward, to the index."""
 
     def store_loaded_chunk(self, rid: str, load: ChunkLoad) -> None:
         """Hand a chunk loaded from a lower tier, now in its pool slots, to the chunk index."""

@@ -188,6 +188,8 @@ class BlendedExtendMixin:
             store.ready = None
         blend_s = time.perf_counter() - blend_started
         # Now copied into this request's slots: the index may own (or free) them.
+        if request.context is not None and not request.context.ready:
+            self._blend_source.store_context(rid, request.context)
         for miss in request.misses:
             self._blend_source.store_computed_chunk(rid, miss)
         for load in request.loads:
@@ -199,19 +201,34 @@ class BlendedExtendMixin:
         return plan, standalone_s, times
 
     def _compute_misses(self, request: BlendRequest) -> list[ChunkHit]:
-        """Compute each missed chunk standalone (sink first) into its fresh slots.
+        """Compute each missed chunk into its fresh slots: standalone after the sink, or after
+        the chunk context (whose KV is computed first when the index did not hold it).
 
         Returns them as hits. They reach the index only after the request has copied them
         (the index frees the slots at once if an equal chunk got there first).
         """
-        ops, pool = self._blend_ops, get_token_to_kv_pool()
+        context = request.context
+        if request.misses and context is not None and not context.ready:
+            self._prefill_into(context.token_ids, context.kv_loc)
         hits = []
         for miss in request.misses:
-            ids = torch.cat([torch.tensor(miss.sink_ids, dtype=torch.int64), miss.token_ids])
-            slots = torch.cat([miss.sink_loc, miss.kv_loc]).to(torch.int64)
-            device = slots.device
-            store = PoolKVStore(pool, ops, slots, 0)
-            blend_layers(ops, ops.embed(ids.to(device)), torch.arange(ids.numel(), device=device),
-                         torch.zeros(ids.numel(), dtype=torch.bool), store, _FULL)
+            if miss.context is None:
+                ids = torch.cat([torch.tensor(miss.sink_ids, dtype=torch.int64), miss.token_ids])
+                self._prefill_into(ids, torch.cat([miss.sink_loc, miss.kv_loc]))
+            else:
+                self._prefill_into(miss.token_ids, miss.kv_loc, after=miss.context.kv_loc)
             hits.append(ChunkHit(miss.start, miss.end, miss.kv_loc, miss.positions))
         return hits
+
+    def _prefill_into(self, ids: torch.Tensor, slots: torch.Tensor, *,
+                      after: torch.Tensor | None = None) -> None:
+        """Full prefill of ``ids`` into ``slots``, after the KV already in ``after`` (positions
+        ``0..`` of the prefix, then the ids' own)."""
+        ops = self._blend_ops
+        prefix = torch.empty(0, dtype=torch.int64) if after is None else after.to(torch.int64)
+        all_slots = torch.cat([prefix.to(slots.device), slots.to(torch.int64)])
+        device = all_slots.device
+        store = PoolKVStore(get_token_to_kv_pool(), ops, all_slots, prefix.numel())
+        positions = torch.arange(prefix.numel(), prefix.numel() + ids.numel(), device=device)
+        blend_layers(ops, ops.embed(ids.to(device)), positions,
+                     torch.zeros(ids.numel(), dtype=torch.bool), store, _FULL)

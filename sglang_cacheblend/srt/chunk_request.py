@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from sglang.srt.managers.kv_hints import KvHintAction, KvHintsEnvelope
 
-from sglang_cacheblend.chunks import ACTION_TYPES, Span, sink_variant
+from sglang_cacheblend.chunks import ACTION_TYPES, Span, context_variant
 from sglang_cacheblend.config import BlendConfig
 
 if TYPE_CHECKING:
@@ -55,6 +55,9 @@ class ChunkRequest:
     ratio_policy : str
         "controller": the Loading Controller replaces ``blend.recompute_ratio`` at admission;
         "fixed": it does not.
+    context : tuple of int
+        The chunk context's ids (``--cacheblend-chunk-context``): chunk KV is computed after
+        ``sink + context``, both then dropped; empty for standalone chunk KV.
     """
 
     precompute: bool
@@ -62,11 +65,17 @@ class ChunkRequest:
     sink: tuple[int, ...]
     blend: BlendConfig | None
     ratio_policy: str = "fixed"
+    context: tuple[int, ...] = ()
 
     @property
     def variant(self) -> str:
         """Chunk-namespace variant: how this request's chunk KV is computed."""
-        return sink_variant(self.sink)
+        return context_variant(self.sink, self.context)
+
+    @property
+    def prefix_ids(self) -> tuple[int, ...]:
+        """Everything chunk KV is computed after: the sink, then the chunk context."""
+        return (*self.sink, *self.context)
 
     @property
     def chunk_tokens(self) -> int:
@@ -76,7 +85,8 @@ class ChunkRequest:
         """JSON-compatible form (SGLang sends requests to the scheduler as msgpack)."""
         blend = None if self.blend is None else dataclasses.asdict(self.blend)
         return {"precompute": self.precompute, "spans": [list(s) for s in self.spans],
-                "sink": list(self.sink), "blend": blend, "ratio_policy": self.ratio_policy}
+                "sink": list(self.sink), "blend": blend, "ratio_policy": self.ratio_policy,
+                "context": list(self.context)}
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> ChunkRequest:
@@ -86,7 +96,8 @@ class ChunkRequest:
             blend = BlendConfig(**{**blend, "gradual": tuple(map(tuple, blend["gradual"]))})
         spans = tuple((int(start), int(end)) for start, end in payload["spans"])
         return cls(bool(payload["precompute"]), spans, tuple(int(t) for t in payload["sink"]),
-                   blend, str(payload.get("ratio_policy", "fixed")))
+                   blend, str(payload.get("ratio_policy", "fixed")),
+                   tuple(int(t) for t in payload.get("context", ())))
 
 
 def envelope_with(

@@ -17,6 +17,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 
+from sglang_cacheblend.chunks.context import resolve_context
 from sglang_cacheblend.config import BlendConfig
 from sglang_cacheblend.store.config import StoreConfig
 from sglang_cacheblend.srt.supported_setups import refuse_unsupported_setups
@@ -48,6 +49,7 @@ class ServerOptions:
     ratio_policy: str = "fixed"
     controller_min_ratio: float = 0.15
     controller_max_ratio: float = 0.5
+    chunk_context: str = ""  # the text chunk KV is computed after ("" = the sink only)
 
     def __post_init__(self) -> None:
         for name in ("max_chunks", "min_chunk_tokens"):
@@ -99,6 +101,7 @@ def _parse_options(raw: str) -> ServerOptions:
 _DEFAULTS = BlendConfig()
 _STORE = StoreConfig()
 RATIO_POLICIES = ("fixed", "controller")
+DEFAULT_CHUNK_CONTEXT = "none"
 
 # (flag, namespace attribute, argparse kwargs); the attribute names are ours alone, prefixed so
 # they can never collide with a ServerArgs field.
@@ -160,6 +163,11 @@ _FLAGS: tuple[tuple[str, str, dict], ...] = (
      dict(type=float, default=0.15, help="Quality floor of the controller's ratio.")),
     ("--cacheblend-controller-max-ratio", "cacheblend_controller_max_ratio",
      dict(type=float, default=0.5, help="Ceiling of the controller's ratio.")),
+    ("--cacheblend-chunk-context", "cacheblend_chunk_context",
+     dict(type=str, default=DEFAULT_CHUNK_CONTEXT,
+          help="Text every chunk's KV is computed after (then dropped), so reused rows are "
+               "closer to their KV inside a prompt: 'builtin[:N]' (N paragraphs of shipped "
+               "prose), a UTF-8 file, or 'none' (after the sink only).")),
 )
 
 
@@ -208,6 +216,11 @@ def pop_from_namespace(args: argparse.Namespace) -> ServerOptions:
     except ValueError as exc:
         raise ValueError(f"{_flag_named_in(exc)}: {exc}") from exc
     try:
+        chunk_context = resolve_context(values.get("cacheblend_chunk_context",
+                                                   DEFAULT_CHUNK_CONTEXT))
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"--cacheblend-chunk-context: {exc}") from exc
+    try:
         return ServerOptions(
             enabled=values.get("cacheblend_enabled", False), blend=blend,
             max_chunks=values.get("cacheblend_max_chunks", ServerOptions.max_chunks),
@@ -218,6 +231,7 @@ def pop_from_namespace(args: argparse.Namespace) -> ServerOptions:
             ratio_policy=values.get("cacheblend_ratio_policy", "fixed"),
             controller_min_ratio=values.get("cacheblend_controller_min_ratio", 0.15),
             controller_max_ratio=values.get("cacheblend_controller_max_ratio", 0.5),
+            chunk_context=chunk_context,
         )
     except ValueError as exc:
         raise ValueError(f"{_flag_named_in(exc)}: {exc}") from exc

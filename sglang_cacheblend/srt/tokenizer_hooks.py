@@ -69,6 +69,20 @@ class ChunkTokenizer:
     def sink(self) -> tuple[int, ...]:
         return sink_ids(getattr(self._tokenizer, "bos_token_id", None), self.plain)
 
+    def context(self, text: str) -> tuple[int, ...]:
+        """The chunk context's ids (tokenized once per server text)."""
+        return _context_ids(self._tokenizer, text) if text else ()
+
+
+_CONTEXT_IDS: dict[tuple[int, str], tuple[int, ...]] = {}
+
+
+def _context_ids(tokenizer: Any, text: str) -> tuple[int, ...]:
+    key = (id(tokenizer), text)
+    if key not in _CONTEXT_IDS:
+        _CONTEXT_IDS[key] = tuple(tokenizer.encode(text, add_special_tokens=False))
+    return _CONTEXT_IDS[key]
+
 
 @dataclass(frozen=True)
 class _Decided:
@@ -80,6 +94,7 @@ class _Decided:
     envelope: KvHintsEnvelope | None
     blend: Any  # BlendConfig | None
     ratio_policy: str = "fixed"
+    context: tuple[int, ...] = ()
 
 
 async def tokenize_with_chunks(original: Callable[..., Any], manager: Any, obj: Any) -> Any:
@@ -98,7 +113,7 @@ async def tokenize_with_chunks(original: Callable[..., Any], manager: Any, obj: 
                                min_chunk_len=options.min_chunk_tokens,
                                max_chunks=options.max_chunks)
         request = ChunkRequest(decided.precompute, spans, decided.sink, decided.blend,
-                               decided.ratio_policy)
+                               decided.ratio_policy, decided.context)
         tokenized.kv_hints = envelope_with(decided.envelope, request, obj.rid)
     return tokenized
 
@@ -123,6 +138,8 @@ def _decide(manager: Any, obj: GenerateReqInput, options: ServerOptions) -> _Dec
     tokenizer = ChunkTokenizer(manager.tokenizer)
     limit = manager.context_len
     sink = tokenizer.sink()
+    use_context = client is None or client.chunk_context != "none"
+    context = tokenizer.context(options.chunk_context) if use_context else ()
     if marked:
         if client is not None and not client.precompute:
             raise ValueError(
@@ -134,7 +151,8 @@ def _decide(manager: Any, obj: GenerateReqInput, options: ServerOptions) -> _Dec
         if precompute and not _is_one_chunk(segments):
             raise ValueError("a precompute request holds exactly one chunk and no other text")
         if precompute:
-            prompt = precompute_prompt(tokenizer.plain(segments[0].text), sink, max_chunk_len=limit)
+            prompt = precompute_prompt(tokenizer.plain(segments[0].text), (*sink, *context),
+                                       max_chunk_len=limit)
         else:
             prefix, suffix = special_affixes(tokenizer.default, tokenizer.plain)
             prompt = tokenize_segments(
@@ -144,18 +162,18 @@ def _decide(manager: Any, obj: GenerateReqInput, options: ServerOptions) -> _Dec
         spans = prompt.spans
     elif client.precompute:
         chunk_ids = list(obj.input_ids) if obj.input_ids is not None else tokenizer.plain(obj.text)
-        prompt = precompute_prompt(chunk_ids, sink, max_chunk_len=limit)
+        prompt = precompute_prompt(chunk_ids, (*sink, *context), max_chunk_len=limit)
         obj.input_ids = list(prompt.input_ids)
         precompute, spans = True, prompt.spans
     else:
         precompute, spans = False, client.spans
-    blend = None if precompute else _blend_settings(manager, obj, client, options)
+    blend = None if precompute else _blend_settings(manager, obj, client, options, context)
     policy = "fixed" if precompute else ratio_policy(options, client)
-    return _Decided(precompute, spans, sink, envelope, blend, policy)
+    return _Decided(precompute, spans, sink, envelope, blend, policy, context)
 
 
 def _blend_settings(manager: Any, obj: GenerateReqInput, client: ClientAction | None,
-                    options: ServerOptions):
+                    options: ServerOptions, context: tuple[int, ...]):
     """The request's effective settings, checked against the model; puts the request into its
     settings' prefix namespace (:mod:`.blend_namespace`): blended KV is shared as a prefix only
     among requests blended the same way."""
@@ -163,7 +181,8 @@ def _blend_settings(manager: Any, obj: GenerateReqInput, client: ClientAction | 
     check_fits_model(config, manager.model_config.num_hidden_layers,
                      what="kv_hints cacheblend.chunks gradual/check layer")
     policy = ratio_policy(options, client)
-    obj.extra_key = blend_extra_key(obj.extra_key, config, controller=policy == "controller")
+    obj.extra_key = blend_extra_key(obj.extra_key, config, controller=policy == "controller",
+                                    chunk_context=context)
     return config
 
 

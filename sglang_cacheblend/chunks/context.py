@@ -1,0 +1,98 @@
+"""Context-conditioned chunk KV: a chunk computed after a fixed preceding context.
+
+A chunk computed right after a one-token sink has KV unlike the same chunk deep inside a
+prompt: every one of its rows attended only to itself and the sink. Blending then has to repair
+every reused row, and recomputing 15% of them cannot (the oracle ceiling on standalone KV is
+~59%). Computing each chunk after the sink *plus* some preceding text, and keeping only the
+chunk's own rows, moves all of them closer to what they are in a real prompt; on SmolLM2 the
+gain comes mostly from there being *some* text before the chunk, not from relevant text (the
+calibration in issue 17), so one shared context serves every chunk, and its KV is computed once.
+
+This module is the pure part: which text a server uses (``--cacheblend-chunk-context``), and
+the chunk-namespace variant that names KV computed after it, so chunk KV computed after
+different contexts never mixes in the index or in the store's tiers. No torch, no SGLang.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+from sglang_cacheblend.chunks.tokenization import sink_variant
+
+__all__ = [
+    "BUILTIN_CONTEXT", "CONTEXT_CHOICES", "builtin_context", "context_variant",
+    "prefix_variant", "resolve_context",
+]
+
+BUILTIN_CONTEXT = "builtin"
+"""``--cacheblend-chunk-context builtin[:N]``: the first N paragraphs of the shipped text."""
+CONTEXT_CHOICES = ("server", "none")
+"""A request's ``chunk_context``: the server's context, or standalone chunk KV (none)."""
+_BUILTIN_PARAGRAPHS = 3
+_SEPARATOR = "\n\n"
+
+
+@lru_cache(maxsize=1)
+def _builtin_paragraphs() -> tuple[str, ...]:
+    text = resources.files("sglang_cacheblend.chunks").joinpath("chunk_context.txt").read_text(
+        encoding="utf-8")
+    return tuple(p.strip() for p in text.split(_SEPARATOR) if p.strip())
+
+
+def builtin_context(paragraphs: int = _BUILTIN_PARAGRAPHS) -> str:
+    """The first ``paragraphs`` of the shipped context (encyclopedic prose on unrelated
+    topics, written for this project), each followed by a blank line like a RAG passage."""
+    available = _builtin_paragraphs()
+    if not 1 <= paragraphs <= len(available):
+        raise ValueError(f"the builtin chunk context has {len(available)} paragraphs; "
+                         f"asked for {paragraphs}")
+    return "".join(p + _SEPARATOR for p in available[:paragraphs])
+
+
+def resolve_context(value: str | None) -> str:
+    """The context text of a ``--cacheblend-chunk-context`` value ("" for none).
+
+    ``none`` (or empty): chunks are computed after the sink only; ``builtin`` or
+    ``builtin:N``: the shipped text's first N paragraphs (3 by default); anything else: a
+    UTF-8 text file, used as is. Raises ``ValueError`` naming the problem.
+    """
+    if value is None or value.strip() in ("", "none"):
+        return ""
+    value = value.strip()
+    if value == BUILTIN_CONTEXT or value.startswith(BUILTIN_CONTEXT + ":"):
+        count = value.partition(":")[2] or str(_BUILTIN_PARAGRAPHS)
+        if not count.isdigit():
+            raise ValueError(f"chunk context {value!r}: the paragraph count must be an integer")
+        return builtin_context(int(count))
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"chunk context {value!r} is neither 'none', 'builtin[:N]' nor a file")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"chunk context file {value!r} is empty")
+    return text
+
+
+def context_variant(sink: Sequence[int], context: Sequence[int]) -> str:
+    """Chunk-namespace variant of KV computed after ``sink + context`` (both then dropped).
+
+    Without a context this is :func:`sink_variant`, so standalone chunk KV keeps its keys
+    (and the entries already in a store's tiers). With one, the context's length and a digest
+    of its ids name it: chunk KV computed after another context is different KV.
+    """
+    base = sink_variant(sink)
+    if not context:
+        return base
+    raw = b"".join(int(t).to_bytes(4, "little", signed=False) for t in context)
+    digest = hashlib.blake2b(raw, digest_size=8).hexdigest()
+    return f"{base}+context:{len(context)}:{digest}"
+
+
+def prefix_variant(variant: str) -> str:
+    """Namespace variant of the context's own KV (sink + context at positions 0..) in the
+    chunk index, kept apart from every chunk's."""
+    return "context-prefix-of:" + variant
