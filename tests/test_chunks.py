@@ -243,3 +243,47 @@ def test_span_limits_bound_chunk_count_and_length():
         validate_spans([(0, 4), (4, 8), (8, 12)], 12, max_chunks=2)
     with pytest.raises(ValueError, match=r"chunk span 1 \[4, 5\) has 1 tokens, fewer than .* 4"):
         validate_spans([(0, 4), (4, 5)], 8, min_chunk_len=4)
+
+
+# ---------------------------------------------------------------- chunk contexts (issue 17)
+
+def test_the_context_variant_names_the_context_and_keeps_standalone_keys():
+    from sglang_cacheblend.chunks import context_variant, prefix_variant, sink_variant
+
+    assert context_variant((1,), ()) == sink_variant((1,)) == "standalone-after:1"
+    a, b = context_variant((1,), (5, 6, 7)), context_variant((1,), (5, 6, 8))
+    assert a.startswith("standalone-after:1+context:3:") and a != b
+    assert context_variant((1,), (5, 6, 7)) == a  # stable
+    assert prefix_variant(a) != a
+
+
+def test_resolve_context_reads_builtin_paragraphs_files_and_refuses_the_rest(tmp_path):
+    from sglang_cacheblend.chunks import builtin_context, resolve_context
+
+    assert resolve_context(None) == resolve_context("none") == resolve_context(" ") == ""
+    one, three = resolve_context("builtin:1"), resolve_context("builtin")
+    assert three == builtin_context(3) and three.startswith(one) and len(three) > 2 * len(one)
+    assert one.endswith("\n\n") and one.count("\n\n") == 1
+    path = tmp_path / "context.txt"
+    path.write_text("Some preceding text.\n\n")
+    assert resolve_context(str(path)) == "Some preceding text.\n\n"
+    for bad in ("builtin:0", "builtin:99", "builtin:x", str(tmp_path / "missing.txt")):
+        with pytest.raises(ValueError):
+            resolve_context(bad)
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="empty"):
+        resolve_context(str(tmp_path / "empty.txt"))
+
+
+def test_chunk_context_in_hints_is_parsed_and_checked():
+    assert read_client_action(_triples(chunk_hints([(0, 4)]))).chunk_context is None
+    action = read_client_action(_triples(chunk_hints([(0, 4)], chunk_context="none")))
+    assert action.chunk_context == "none"
+    pre = read_client_action(_triples(precompute_hints(chunk_context="none")))
+    assert pre.precompute and pre.chunk_context == "none"
+    with pytest.raises(ValueError, match="chunk_context must be one of"):
+        read_client_action(_triples(chunk_hints([(0, 4)], chunk_context="bm25")))
+    bad_pre = precompute_hints()
+    bad_pre["actions"][0]["payload"] = {"spans": [[0, 4]]}
+    with pytest.raises(ValueError, match="unknown keys"):
+        read_client_action(_triples(bad_pre))

@@ -73,6 +73,7 @@ class ChunkCache(Protocol):
     insert_chunk: Callable[..., Any]
     chunk_namespace: Callable[..., ChunkNamespace]
     free_kv_row: Callable[..., Any]
+    insert_prefix: Callable[..., Any]
     chunk_store: ChunkStore | None
     loading_controller: LoadingController
     store_key: Callable[..., str]
@@ -435,12 +436,15 @@ class ChunkAdmission:
     def hand_off_precompute(self, req: Req, request: ChunkRequest, up_to: int) -> None:
         """Move a finished precompute request's chunk slots from its row to the chunk index.
 
-        The request matched no prefix, so it owns its whole row:
+        A standalone precompute matched no prefix, so it owns its whole row; one after a chunk
+        context owns it from its matched prefix (``protected``, at most ``start``) on:
 
         ===============  ============================  ========================================
         row positions    KV of                         after this call
         ===============  ============================  ========================================
-        [0, start)       the attention sink            freed here
+        [0, start)       the sink (and the context)    freed here; with a context: into the
+                                                       prefix tree (the next precompute's
+                                                       prefix), duplicates freed
         [start, end)     the chunk, at those positions owned by the index (a duplicate: freed)
         [end, up_to)     generated tokens, if any      freed here
         [up_to, ...)     over-allocation               freed by ``release_kv_cache``
@@ -463,10 +467,11 @@ class ChunkAdmission:
             self._namespace(req, request), req.origin_input_ids[start:end],
             row[start:end].clone(), start,
         )
-        if result.redundant_loc is None:
-            ranges = [(protected, start), (end, up_to)]
+        ranges = [(end if result.redundant_loc is None else start, up_to)]
+        if request.context:
+            cache.insert_prefix(req, start)
         else:
-            ranges = [(protected, up_to)]
+            ranges.insert(0, (protected, start))
         cache.free_kv_row(req.kv, [(lo, hi) for lo, hi in ranges if lo < hi])
         req.kv.cache_protected_len = up_to
 

@@ -47,6 +47,7 @@ chunk's slots after ``insert_chunk``.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import json
 import logging
@@ -177,6 +178,13 @@ class CacheBlendRadixCache(RadixCache):
         """The chunk's key in the store's tiers (stable across processes and servers)."""
         return chunk_key(namespace, token_ids)
 
+    def insert_prefix(self, req: Req, length: int) -> None:
+        """Put the first ``length`` slots of ``req``'s row into the prefix tree (exact KV of
+        those tokens), freeing what the tree held already beyond the request's own prefix: a
+        precompute's sink and chunk context, so the next precompute reuses them. The key is
+        built from the same ids as SGLang's own ``checkpoint`` (the tree compares id types)."""
+        self._insert_cache(req, req.full_untruncated_fill_ids[:length])
+
     def _spill(self, evicted: EvictedChunk) -> None:
         """The index evicts a chunk: copy its KV to the store before its slots are freed."""
         try:
@@ -219,11 +227,17 @@ class CacheBlendRadixCache(RadixCache):
         """SGLang's exact-prefix match, plus a lookup of the request's chunk spans.
 
         Side effects: access times only (the scheduler calls this several times per request).
-        A precompute request matches nothing, so its whole row is its own.
+        A standalone precompute request matches nothing, so its whole row is its own; one after
+        a chunk context matches at most the sink and the context.
         """
         request = None if params.req is None else chunk_request_of(params.req)
         if request is not None and request.precompute:
-            return self._empty_match_result
+            if not request.context:
+                return self._empty_match_result
+            # After a chunk context: the tree may hold the sink and the context (exact KV,
+            # put there by an earlier precompute), never more than that.
+            start = request.spans[0][0]
+            return super().match_prefix(dataclasses.replace(params, key=params.key[:start]))
         result = super().match_prefix(params)
         if request is not None and not self.disable:
             self.admission.touch(params.req, request, result.device_prefix_len)

@@ -137,6 +137,42 @@ def test_tokenizer_hook_writes_the_request_and_keeps_other_kv_hints(tokenizer, m
     assert request.blend is None
 
 
+def test_tokenizer_hook_puts_the_chunk_context_before_precomputed_chunks(tokenizer, monkeypatch):
+    from types import SimpleNamespace
+
+    from sglang_cacheblend.srt.chunk_request import chunk_request_of
+    from sglang_cacheblend.srt.server_options import ENV_VAR, ServerOptions
+
+    text = "Some preceding text for every chunk.\n\n"
+    monkeypatch.setenv(ENV_VAR, ServerOptions(enabled=True, min_chunk_tokens=1,
+                                              chunk_context=text).to_env())
+    manager = SimpleNamespace(tokenizer=tokenizer, context_len=8192,
+                              model_config=SimpleNamespace(num_hidden_layers=30))
+    plain = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    ids, context = plain("a passage given as token ids"), plain(text)
+    requests_of = {}
+    for choice in (None, "none"):
+        obj = _normalized_request(input_ids=list(ids),
+                                  kv_hints=precompute_hints(chunk_context=choice))
+        tokenized = _run_tokenizer_hook(manager, obj)
+        request = chunk_request_of(SimpleNamespace(kv_hints=tokenized.kv_hints, rid="p"))
+        prefix = [tokenizer.bos_token_id, *(context if choice is None else [])]
+        assert obj.input_ids == [*prefix, *ids]
+        assert request.spans == ((len(prefix), len(prefix) + len(ids)),)
+        assert request.prefix_ids == tuple(prefix)
+        requests_of[choice] = request
+    assert requests_of[None].context == tuple(context) and not requests_of["none"].context
+    assert "+context:" in requests_of[None].variant
+    assert requests_of["none"].variant == f"standalone-after:{tokenizer.bos_token_id}"
+    # Blended requests on the two kinds of chunk KV never share a blended prefix.
+    keys = set()
+    for choice in (None, "none"):
+        obj = _normalized_request(input_ids=[*ids, *ids], kv_hints=chunk_hints(
+            [(0, len(ids))], chunk_context=choice))
+        keys.add(_run_tokenizer_hook(manager, obj).extra_key)
+    assert len(keys) == 2
+
+
 def test_tokenizer_hook_is_inert_without_enable_cacheblend(tokenizer, monkeypatch):
     from types import SimpleNamespace
 
