@@ -102,6 +102,12 @@ class BlendConfig:
         Blending pays off only when at least this many tokens of a request come from cached
         chunks; requests with fewer run a normal prefill. Default 256 (LMCache's
         ``blend_min_tokens``).
+    recompute_window : int
+        Recompute reused rows in contiguous runs of this many rows, within the same budget:
+        each selection keeps the non-overlapping windows whose rows score highest in sum
+        (:func:`sglang_cacheblend.blend.budget.select_top_windows`). 1 (the default) keeps the
+        top rows wherever they are. A read correction for rows that are not recomputed: a
+        scattered recomputed row keeps reading its stale neighbours.
     """
 
     recompute_ratio: float = 0.15
@@ -110,12 +116,14 @@ class BlendConfig:
     gradual: tuple[tuple[int, float], ...] = ()
     min_selected_tokens: int = 1
     min_reused_tokens: int = 256
+    recompute_window: int = 1
 
     def __post_init__(self) -> None:
         _check_ratio("recompute_ratio", self.recompute_ratio)
         _check_int("check_layer", self.check_layer, 0)
         _check_int("min_selected_tokens", self.min_selected_tokens, 0)
         _check_int("min_reused_tokens", self.min_reused_tokens, 0)
+        _check_int("recompute_window", self.recompute_window, 1)
         if not isinstance(self.selector, str) or self.selector not in SELECTOR_NAMES:
             raise ValueError(
                 f"BlendConfig.selector must be one of {sorted(SELECTOR_NAMES)}, "

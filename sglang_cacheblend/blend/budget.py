@@ -22,7 +22,7 @@ from fractions import Fraction
 
 import torch
 
-__all__ = ["select_top_rows", "selection_budget"]
+__all__ = ["select_top_rows", "select_top_windows", "selection_budget"]
 
 
 def selection_budget(ratio: float, num_reused: int, min_tokens: int = 0) -> int:
@@ -106,4 +106,54 @@ def select_top_rows(
         reused, cand = reused[by_pos], cand[by_pos]
     order = torch.argsort(cand, descending=True, stable=True)
     top = reused[order[:num_selected]]
+    return torch.sort(torch.cat([top, forced])).values
+
+
+def select_top_windows(
+    scores: torch.Tensor,
+    reuse_mask: torch.Tensor,
+    num_selected: int,
+    window: int,
+) -> torch.Tensor:
+    """Like :func:`select_top_rows`, but the reused rows are kept in runs of ``window``
+    neighbouring reused rows (row order is position order), within the same budget.
+
+    Why: a scattered recomputed row still reads its neighbours' stale KV at every later layer,
+    so it inherits their error; recomputing a short contiguous run around each high-scoring row
+    repairs the neighbourhood it reads (CacheClip's grouping; "contiguity, not importance").
+    Greedy: one window centred on each reused row, ranked by the sum of its rows' scores (ties:
+    the centre's own score), taken when it does not overlap a window already taken, until
+    ``num_selected`` rows are kept (the last window keeps its best rows to fit). ``window ==
+    1`` is :func:`select_top_rows` exactly.
+    """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    if window == 1 or num_selected == 0:
+        return select_top_rows(scores, reuse_mask, num_selected)
+    select_top_rows(scores, reuse_mask, num_selected)  # the same argument checks
+    reused = torch.nonzero(reuse_mask).flatten()
+    forced = torch.nonzero(~reuse_mask).flatten()
+    cand = scores[reused].float().cpu()
+    n = cand.numel()
+    width = min(window, n)
+    sums = cand.unfold(0, width, 1).sum(dim=1)  # the window starting at each reused row
+    # One window centred on each row (clipped at the ends), ranked by its sum, then by the
+    # centre row's own score.
+    starts = (torch.arange(n) - width // 2).clamp(0, n - width)
+    by_own = torch.argsort(cand, descending=True, stable=True)
+    order = by_own[torch.argsort(sums[starts[by_own]], descending=True, stable=True)]
+    taken = torch.zeros(n, dtype=torch.bool)
+    left = num_selected
+    for start in starts[order].tolist():
+        if left == 0:
+            break
+        if taken[start:start + width].any():
+            continue
+        best = torch.argsort(cand[start:start + width], descending=True, stable=True)[:left]
+        taken[start + best] = True
+        left -= best.numel()
+    if left:  # overlaps left rows over: the best remaining rows, one by one
+        rest = torch.nonzero(~taken).flatten()
+        taken[rest[torch.argsort(cand[rest], descending=True, stable=True)[:left]]] = True
+    top = reused[taken.to(reused.device)]
     return torch.sort(torch.cat([top, forced])).values

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sglang_cacheblend.blend.budget import select_top_rows, selection_budget
+from sglang_cacheblend.blend.budget import select_top_rows, select_top_windows, selection_budget
 from sglang_cacheblend.blend.registry import build_selector
 
 if TYPE_CHECKING:
@@ -176,7 +176,11 @@ class BlendPlan:
             scores = self._selector.score(inputs)
         else:  # keep none or all: the score cannot matter, and its inputs may be skipped
             scores = torch.zeros(inputs.num_rows, dtype=torch.float32)
-        keep = select_top_rows(scores.to(local_mask.device), local_mask, budget, _positions(inputs))
+        scores = scores.to(local_mask.device)
+        if self.config.recompute_window > 1:
+            keep = select_top_windows(scores, local_mask, budget, self.config.recompute_window)
+        else:
+            keep = select_top_rows(scores, local_mask, budget, _positions(inputs))
         new_rows = current[keep]
         self._next_step += 1
         self._segments.append((layer + 1, new_rows))

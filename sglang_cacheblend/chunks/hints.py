@@ -39,6 +39,7 @@ def chunk_hints(
     gradual: Sequence[tuple[int, float]] | None = None,
     ratio_policy: str | None = None,
     chunk_context: str | None = None,
+    recompute_window: int | None = None,
     message_id: str = "cacheblend",
 ) -> dict[str, Any]:
     """A ``kv_hints`` envelope marking ``[start, end)`` spans of ``input_ids`` as chunks.
@@ -47,12 +48,14 @@ def chunk_hints(
     server's blend settings for this request only; ``ratio_policy="controller"`` lets the
     server's Loading Controller pick the ratio (``"fixed"``: never); ``chunk_context="none"``
     reuses chunk KV computed standalone even on a server with a chunk context
-    (``"server"``: the server's, the default).
+    (``"server"``: the server's, the default); ``recompute_window`` recomputes reused rows in
+    contiguous runs of that many rows (``BlendConfig.recompute_window``).
     """
     payload: dict[str, Any] = {"spans": [[int(s), int(e)] for s, e in spans]}
     overrides = {"recompute_ratio": recompute_ratio, "selector": selector,
                  "gradual": None if gradual is None else [[int(l), float(r)] for l, r in gradual],
-                 "ratio_policy": ratio_policy, "chunk_context": chunk_context}
+                 "ratio_policy": ratio_policy, "chunk_context": chunk_context,
+                 "recompute_window": recompute_window}
     payload.update({k: v for k, v in overrides.items() if v is not None})
     return envelope(ACTION_CHUNKS, payload, message_id)
 
@@ -77,7 +80,7 @@ def envelope(action_type: str, payload: dict[str, Any], message_id: str) -> dict
 
 
 _PAYLOAD_KEYS = frozenset({"spans", "recompute_ratio", "selector", "gradual", "ratio_policy",
-                           "chunk_context"})
+                           "chunk_context", "recompute_window"})
 _PRECOMPUTE_KEYS = frozenset({"chunk_context"})
 RATIO_POLICIES = ("fixed", "controller")
 
@@ -99,6 +102,7 @@ class ClientAction:
     gradual: tuple[tuple[int, float], ...] | None = None
     ratio_policy: str | None = None
     chunk_context: str | None = None
+    recompute_window: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "spans", validate_spans(self.spans, _max_end(self.spans)))
@@ -122,6 +126,10 @@ class ClientAction:
                 self.recompute_ratio is not None or self.gradual is not None):
             raise ValueError("ratio_policy 'controller' picks the ratio: give no "
                              "recompute_ratio or gradual with it")
+        window = self.recompute_window
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                                   or not 1 <= window <= 4096):
+            raise ValueError(f"recompute_window must be an integer in [1, 4096], got {window!r}")
         if self.chunk_context is not None and self.chunk_context not in CONTEXT_CHOICES:
             raise ValueError(f"chunk_context must be one of {list(CONTEXT_CHOICES)}, got "
                              f"{self.chunk_context!r}")
@@ -129,7 +137,8 @@ class ClientAction:
     @property
     def overrides_blend(self) -> bool:
         """Whether the request sets any blend setting of its own."""
-        return any(v is not None for v in (self.recompute_ratio, self.selector, self.gradual))
+        return any(v is not None for v in (self.recompute_ratio, self.selector, self.gradual,
+                                           self.recompute_window))
 
 
 def read_client_action(actions: Iterable[tuple[str, str, Any]]) -> ClientAction | None:
@@ -163,7 +172,8 @@ def read_client_action(actions: Iterable[tuple[str, str, Any]]) -> ClientAction 
         raise ValueError(f"chunk spans must be a list of [start, end] pairs, got {spans!r}")
     return ClientAction(False, tuple(spans), payload.get("recompute_ratio"),
                         payload.get("selector"), payload.get("gradual"),
-                        payload.get("ratio_policy"), payload.get("chunk_context"))
+                        payload.get("ratio_policy"), payload.get("chunk_context"),
+                        payload.get("recompute_window"))
 
 
 def _is_unit_number(value: Any) -> bool:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,8 @@ class QualityConfig:
     selectors: tuple[str, ...] = ("v_deviation", "k_deviation")
     gradual_end_layer: int | None = 8  # None: no gradual mode
     chunk_context: str | None = None  # the server's --cacheblend-chunk-context, if any
+    windows: tuple[int, ...] = ()  # recompute windows scored at the main ratio
+    standalone_modes: bool = True  # with a chunk context: False keeps only standalone reuse
 
 
 def modes_for(config: QualityConfig) -> list[Mode]:
@@ -81,7 +84,7 @@ def modes_for(config: QualityConfig) -> list[Mode]:
     if config.chunk_context is None:
         return modes
     standalone = [m if not m.blend else dataclasses.replace(m, chunk_context="none")
-                  for m in modes]
+                  for m in modes if config.standalone_modes or m in (FULL, REUSE)]
     in_context = [dataclasses.replace(m, name=f"ctx {m.name}", chunk_context="server")
                   for m in modes if m.blend]
     return [*standalone, *in_context]
@@ -96,6 +99,8 @@ def _standalone_modes(config: QualityConfig) -> list[Mode]:
         start = min(1.0, 2 * r)
         schedule = BlendConfig.linear(start, r, 1, config.gradual_end_layer).gradual
         modes.append(Mode(f"gradual {start:g}->{r:g}", True, r, gradual=schedule))
+    modes += [Mode(f"blend@{r:g} window {w}", True, r, recompute_window=w)
+              for w in config.windows]
     return modes
 
 
@@ -197,8 +202,9 @@ def write_report(out: Path, config: QualityConfig, rows: list[dict[str, Any]],
 def _sweep(summary: dict[str, dict[str, float]], prefix: str) -> list[tuple[float, float]]:
     """(ratio, mean KL) of reuse and every ``blend@R`` mode whose name starts with ``prefix``."""
     points = [(0.0, summary[prefix + REUSE.name]["kl"])]
-    points += [(float(name.split("@")[1]), values["kl"]) for name, values in summary.items()
-               if name.startswith(prefix + "blend@")]
+    pattern = re.compile(re.escape(prefix) + r"blend@([0-9.]+)")
+    points += [(float(match[1]), values["kl"]) for name, values in summary.items()
+               if (match := pattern.fullmatch(name))]
     return sorted(points)
 
 
@@ -226,6 +232,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also score every blended mode on chunk KV computed after this "
                              "context (builtin[:N] or a text file; the started server gets "
                              "--cacheblend-chunk-context with it)")
+    parser.add_argument("--windows", type=int, nargs="*", default=[],
+                        help="recompute windows (contiguous runs of rows) scored at --main-ratio")
+    parser.add_argument("--no-standalone", action="store_true",
+                        help="with --chunk-context: score only the context-conditioned modes "
+                             "(standalone reuse stays, as the gap's baseline)")
     parser.add_argument("--url", help="a running --enable-cacheblend server (else one is started)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
 
@@ -242,7 +253,8 @@ def run(args: argparse.Namespace, server_args: list[str], command: str) -> int:
         max_new_tokens=args.max_new_tokens, top_k=args.top_k, ratios=tuple(args.ratios),
         main_ratio=args.main_ratio, selectors=tuple(args.selectors),
         gradual_end_layer=None if args.no_gradual else args.gradual_end_layer,
-        chunk_context=args.chunk_context,
+        chunk_context=args.chunk_context, windows=tuple(args.windows),
+        standalone_modes=not args.no_standalone,
     )
     model_path = ensure_model()
     tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -50,6 +50,7 @@ class Mode:
     selector: str | None = None
     gradual: tuple[tuple[int, float], ...] | None = None
     chunk_context: str | None = None
+    recompute_window: int | None = None
 
 
 FULL = Mode("full", blend=False)
@@ -156,7 +157,8 @@ class TeacherForcer:
         if mode.blend:
             body["kv_hints"] = chunk_hints(spans, recompute_ratio=mode.recompute_ratio,
                                            selector=mode.selector, gradual=mode.gradual,
-                                           chunk_context=mode.chunk_context)
+                                           chunk_context=mode.chunk_context,
+                                           recompute_window=mode.recompute_window)
         response = requests.post(f"{self.base_url}/generate", json=body, timeout=self.timeout_s)
         if response.status_code != 200:
             raise RuntimeError(f"/generate answered {response.status_code}: {response.text}")

@@ -38,6 +38,8 @@ def effective_config(server: BlendConfig, action: ClientAction | None) -> BlendC
         changes["gradual"] = ()
     if action.recompute_ratio is not None:
         changes["recompute_ratio"] = action.recompute_ratio
+    if action.recompute_window is not None:
+        changes["recompute_window"] = action.recompute_window
     return dataclasses.replace(server, **changes)
 
 

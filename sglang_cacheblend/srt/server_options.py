@@ -124,6 +124,10 @@ _FLAGS: tuple[tuple[str, str, dict], ...] = (
                "recompute ratio by --cacheblend-gradual-end-layer (off when unset).")),
     ("--cacheblend-gradual-end-layer", "cacheblend_gradual_end_layer",
      dict(type=int, default=8, help="Gradual filtering: layer where the target ratio is reached.")),
+    ("--cacheblend-recompute-window", "cacheblend_recompute_window",
+     dict(type=int, default=_DEFAULTS.recompute_window,
+          help="Recompute reused rows in contiguous runs of this many rows (same budget; "
+               "1 = the top rows wherever they are).")),
     ("--cacheblend-min-reused-tokens", "cacheblend_min_reused_tokens",
      dict(type=int, default=_DEFAULTS.min_reused_tokens,
           help="Below this many reusable tokens a request is prefilled in full.")),
@@ -195,6 +199,7 @@ def pop_from_namespace(args: argparse.Namespace) -> ServerOptions:
     common = dict(
         selector=values.get("cacheblend_selector", _DEFAULTS.selector),
         min_reused_tokens=values.get("cacheblend_min_reused_tokens", _DEFAULTS.min_reused_tokens),
+        recompute_window=values.get("cacheblend_recompute_window", _DEFAULTS.recompute_window),
     )
     try:
         if start_ratio is None:

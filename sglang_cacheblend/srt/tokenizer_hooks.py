@@ -152,7 +152,7 @@ def _decide(manager: Any, obj: GenerateReqInput, options: ServerOptions) -> _Dec
             raise ValueError("a precompute request holds exactly one chunk and no other text")
         if precompute:
             prompt = precompute_prompt(tokenizer.plain(segments[0].text), (*sink, *context),
-                                       max_chunk_len=limit)
+                                       max_chunk_len=limit - len(sink) - len(context))
         else:
             prefix, suffix = special_affixes(tokenizer.default, tokenizer.plain)
             prompt = tokenize_segments(
@@ -162,7 +162,8 @@ def _decide(manager: Any, obj: GenerateReqInput, options: ServerOptions) -> _Dec
         spans = prompt.spans
     elif client.precompute:
         chunk_ids = list(obj.input_ids) if obj.input_ids is not None else tokenizer.plain(obj.text)
-        prompt = precompute_prompt(chunk_ids, (*sink, *context), max_chunk_len=limit)
+        prompt = precompute_prompt(chunk_ids, (*sink, *context),
+                                   max_chunk_len=limit - len(sink) - len(context))
         obj.input_ids = list(prompt.input_ids)
         precompute, spans = True, prompt.spans
     else:

@@ -161,3 +161,21 @@ def test_nothing_leaked(served, server):
     pool = state["token_pool"]
     assert pool["available"] + pool["evictable"] + pool["protected"] == pool["total"]
     assert pool["protected"] == 0 and state["chunk_index"]["locked_size"] == 0
+
+
+def test_a_recompute_window_keeps_the_budget_and_bad_windows_are_a_400(served, server, context_ids):
+    start = len(context_ids)
+    prompt = [*context_ids, *CHUNK, *QUESTION]
+    reports = {}
+    for window in (1, 8):
+        out = _generate(server, prompt, salt="miss", new_tokens=1, kv_hints=chunk_hints(
+            [(start, start + len(CHUNK))], recompute_ratio=0.15, selector="v_deviation",
+            recompute_window=window))
+        reports[window] = _report(out)
+        assert reports[window]["chunk_sources"]["pool"] == 1
+    assert reports[1]["recomputed_rows"] == reports[8]["recomputed_rows"]
+    body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 1},
+            "kv_hints": chunk_hints([(start, start + len(CHUNK))])}
+    body["kv_hints"]["actions"][0]["payload"]["recompute_window"] = 0
+    response = requests.post(server.base_url + "/generate", json=body, timeout=TIMEOUT)
+    assert response.status_code == 400 and "recompute_window" in response.text, response.text
