@@ -31,12 +31,22 @@ def model_path() -> Path:
 SERVER_BLEND_ARGS = ["--enable-cacheblend", "--cacheblend-recompute-ratio", "0.2"]
 
 
+STANDALONE_CHUNKS = ["--cacheblend-chunk-context", "none"]
+"""Chunk KV computed after the sink only: what tests that compare the server with standalone
+chunk KV (offline blends, exact token accounting) were written for. ``running_server`` adds
+it unless a test names its own chunk context or asks for the defaults."""
+
+
 @contextlib.contextmanager
-def running_server(model_path: Path, log_dir: Path, args: list[str]) -> Iterator:
+def running_server(model_path: Path, log_dir: Path, args: list[str], *,
+                   defaults: bool = False) -> Iterator:
     """A server of ``model_path`` on a free loopback port; its log's tail is printed if it
-    fails to start."""
+    fails to start. Chunk KV is standalone (:data:`STANDALONE_CHUNKS`) unless ``args`` set a
+    chunk context or ``defaults`` keeps the server's default (context-conditioned) one."""
     from sglang_cacheblend.launch import ServerProcess
 
+    if "--enable-cacheblend" in args and not defaults and STANDALONE_CHUNKS[0] not in args:
+        args = [*args, *STANDALONE_CHUNKS]
     log_path = log_dir / "sglang.log"
     proc = ServerProcess(args=args, port=free_port(), model_path=model_path, log_path=log_path)
     try:

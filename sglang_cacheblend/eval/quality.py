@@ -78,19 +78,26 @@ class QualityConfig:
 
 
 def modes_for(config: QualityConfig) -> list[Mode]:
-    """Full, reuse, the ratio sweep, and the selector / gradual variants at the main ratio;
-    with a chunk context, each blended mode on standalone and on context-conditioned KV."""
-    modes = _standalone_modes(config)
+    """Full, reuse, the ratio sweep, and the selector / gradual / window variants at the main
+    ratio. With a chunk context, all of those on context-conditioned chunk KV (``ctx ...``),
+    and beside them standalone reuse (the gap's baseline) and, unless
+    ``standalone_modes`` is off, the server selector and the other selectors at the main
+    ratio on standalone chunk KV."""
+    modes = _modes(config)
     if config.chunk_context is None:
         return modes
-    standalone = [m if not m.blend else dataclasses.replace(m, chunk_context="none")
-                  for m in modes if config.standalone_modes or m in (FULL, REUSE)]
+    r = config.main_ratio
+    standalone = [FULL, dataclasses.replace(REUSE, chunk_context="none")]
+    if config.standalone_modes:
+        standalone += [dataclasses.replace(m, chunk_context="none") for m in modes
+                       if m.blend and m.recompute_ratio == r and m.gradual is None
+                       and m.recompute_window is None]
     in_context = [dataclasses.replace(m, name=f"ctx {m.name}", chunk_context="server")
                   for m in modes if m.blend]
     return [*standalone, *in_context]
 
 
-def _standalone_modes(config: QualityConfig) -> list[Mode]:
+def _modes(config: QualityConfig) -> list[Mode]:
     r = config.main_ratio
     modes = [FULL, REUSE]
     modes += [Mode(f"blend@{ratio:g}", True, ratio) for ratio in config.ratios]
@@ -134,6 +141,8 @@ def evaluate(base_url: str, config: QualityConfig, decode: Callable[[Sequence[in
                 "recomputed_fraction": _fraction(report),
                 "reused_tokens": report.get("reused_tokens", 0),
                 "blend_time_s": report.get("blend_time_s", math.nan),
+                "miss_time_s": (report.get("standalone_time_s", math.nan)
+                                if report.get("chunk_sources", {}).get("computed") else math.nan),
                 "answer": answer,
             })
     return rows
@@ -147,8 +156,14 @@ def _fraction(report: dict[str, Any]) -> float:
 
 
 def summarize_modes(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mean of every metric per mode, plus the share of the reuse-to-full KL gap recovered."""
+    """Mean of every metric per mode, plus the share of the reuse-to-full KL gap recovered.
+
+    The gap of a mode is taken over the items that mode was scored on (runs merged from
+    batches may score some modes on fewer items): ``1 - mean KL(mode) / mean KL(reuse)`` on
+    those items. Time means skip rows without the figure (NaN).
+    """
     summary: dict[str, dict[str, float]] = {}
+    reuse_kl = {row["item"]: float(row["kl"]) for row in rows if row["mode"] == REUSE.name}
     for mode in dict.fromkeys(row["mode"] for row in rows):
         mine = [row for row in rows if row["mode"] == mode]
         summary[mode] = {
@@ -156,10 +171,14 @@ def summarize_modes(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             for key in ("kl", "logprob", "answer_matches_full", "f1_vs_full", "dataset_f1",
                         "recomputed_fraction")
         }
+        for key in ("blend_time_s", "miss_time_s"):
+            times = [float(row[key]) for row in mine if not math.isnan(float(row.get(key, math.nan)))]
+            summary[mode][key] = summarize(times).mean if times else math.nan
         summary[mode]["items"] = len(mine)
-    kl_reuse = summary.get(REUSE.name, {}).get("kl", 0.0)
-    for values in summary.values():
-        values["gap_recovered"] = gap_recovered(kl_reuse, values["kl"]) if kl_reuse > 0 else math.nan
+        base = [reuse_kl[row["item"]] for row in mine if row["item"] in reuse_kl]
+        kl_reuse = math.fsum(base) / len(base) if len(base) == len(mine) else 0.0
+        summary[mode]["gap_recovered"] = (gap_recovered(kl_reuse, summary[mode]["kl"])
+                                          if kl_reuse > 0 else math.nan)
     return summary
 
 
@@ -178,25 +197,48 @@ def write_report(out: Path, config: QualityConfig, rows: list[dict[str, Any]],
                           title="Fidelity vs recompute ratio")
     plot_gap_recovered({name: v["gap_recovered"] for name, v in summary.items()
                         if name not in (FULL.name, REUSE.name)}, out / "quality_gap.png")
+    items = sorted({int(row["item"]) for row in rows})
     lines = [
         "# Quality and fidelity per mode",
         "",
         f"Command: `{command}`  ",
-        f"Data: `{config.data}` items {config.start}-{config.start + config.items - 1}, "
+        f"Data: `{config.data}`, {len(items)} items ({_item_ranges(items)}), "
         f"{config.passages} passages per prompt; machine and commit in `{paths.json.name}`.",
         "",
-        "| mode | mean KL to full | gap recovered | mean logprob | answer = full | F1 vs full |"
-        " dataset F1 | recomputed rows |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mode | items | mean KL to full | gap recovered | mean logprob | answer = full |"
+        " F1 vs full | dataset F1 | recomputed rows | blend s | miss compute s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in summary.items():
         lines.append(
-            f"| {name} | {v['kl']:.4f} | {v['gap_recovered']:.0%} | {v['logprob']:.3f} | "
-            f"{v['answer_matches_full']:.0%} | {v['f1_vs_full']:.3f} | {v['dataset_f1']:.3f} | "
-            f"{v['recomputed_fraction']:.1%} |"
+            f"| {name} | {v['items']:.0f} | {v['kl']:.4f} | {v['gap_recovered']:.0%} | "
+            f"{v['logprob']:.3f} | {v['answer_matches_full']:.0%} | {v['f1_vs_full']:.3f} | "
+            f"{v['dataset_f1']:.3f} | {v['recomputed_fraction']:.1%} | "
+            f"{_seconds(v['blend_time_s'])} | {_seconds(v['miss_time_s'])} |"
         )
+    lines += ["", "Gap recovered: `1 - KL(mode) / KL(reuse)` over the items the mode was scored "
+              "on, against reuse of standalone chunk KV. `ctx` modes reuse chunk KV computed "
+              "after the server's chunk context. Times are the server's own per-request "
+              "figures under whatever load the run had (not a benchmark): blend s is the "
+              "blended prefill, miss compute s the chunks computed in the request's forward "
+              "(first mode of each chunk variant per item)."]
     lines += ["", "![KL vs ratio](quality_kl_vs_ratio.png)", "", "![gap](quality_gap.png)", ""]
     (out / "quality.md").write_text("\n".join(lines))
+
+
+def _item_ranges(items: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    ranges: list[list[int]] = []
+    for item in items:
+        if ranges and ranges[-1][1] == item - 1:
+            ranges[-1][1] = item
+        else:
+            ranges.append([item, item])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in ranges)
+
+
+def _seconds(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.2f}"
 
 
 def _sweep(summary: dict[str, dict[str, float]], prefix: str) -> list[tuple[float, float]]:
@@ -237,13 +279,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-standalone", action="store_true",
                         help="with --chunk-context: score only the context-conditioned modes "
                              "(standalone reuse stays, as the gap's baseline)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
+                        help="no server: merge the quality.json of runs over disjoint items "
+                             "(e.g. batches of one command) into one report in --out")
     parser.add_argument("--url", help="a running --enable-cacheblend server (else one is started)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+
+
+def merge_runs(dirs: Sequence[Path]) -> tuple[QualityConfig, list[dict[str, Any]], list[str]]:
+    """The rows of several runs' ``quality.json`` (their items must not overlap), the first
+    run's config with the merged item count, and each run's command."""
+    import json
+
+    rows: list[dict[str, Any]] = []
+    commands: list[str] = []
+    config = None
+    seen: set[tuple[int, str]] = set()
+    for folder in dirs:
+        record = json.loads((Path(folder) / "quality.json").read_text())
+        for row in record["rows"]:
+            key = (row["item"], row["mode"])
+            if key in seen:
+                raise ValueError(f"item {row['item']} mode {row['mode']!r} is in two runs")
+            seen.add(key)
+            rows.append(row)
+        commands.append(str(record["config"].get("command", folder)))
+        if config is None:
+            values = {k: v for k, v in record["config"].items() if k in QualityConfig.__dataclass_fields__}
+            values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+            config = QualityConfig(**{**values, "data": Path(values["data"])})
+    items = sorted({row["item"] for row in rows})
+    config = dataclasses.replace(config, start=items[0], items=len(items))
+    return config, rows, commands
 
 
 def run(args: argparse.Namespace, server_args: list[str], command: str) -> int:
     """The CLI entry: start (or use) a server, evaluate, write the report, print the table."""
     from transformers import AutoTokenizer
+
+    if args.merge:
+        config, rows, _ = merge_runs(args.merge)
+        write_report(args.out, config, rows, summarize_modes(rows), command)
+        print((args.out / "quality.md").read_text())
+        return 0
 
     from sglang_cacheblend.launch import ServerProcess
     from sglang_cacheblend.embedded_model import ensure_model

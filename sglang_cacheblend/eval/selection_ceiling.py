@@ -270,13 +270,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.15, 0.3])
     parser.add_argument("--selectors", nargs="*", default=["v_deviation", "question_lookahead"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--chunk-context", default="none",
+                        help="compute each chunk's KV after the sink plus this context, as a "
+                             "server with --cacheblend-chunk-context does (builtin[:N], a file, "
+                             "or none)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/selection_ceiling"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     command = "python -m sglang_cacheblend.eval.selection_ceiling " + shlex.join(
         sys.argv[1:] if argv is None else argv)
 
+    from sglang_cacheblend.chunks import resolve_context
+
     ops, encode, _, stop_ids, sink = load_offline_model(torch.float32)
+    context = resolve_context(args.chunk_context)
+    sink = (*sink, *(encode(context) if context else ()))  # chunk KV after sink + context
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     for item in tqdm(load_items(args.data)[args.start: args.start + args.items], desc="items"):

@@ -101,7 +101,7 @@ def _parse_options(raw: str) -> ServerOptions:
 _DEFAULTS = BlendConfig()
 _STORE = StoreConfig()
 RATIO_POLICIES = ("fixed", "controller")
-DEFAULT_CHUNK_CONTEXT = "none"
+DEFAULT_CHUNK_CONTEXT = "builtin"
 
 # (flag, namespace attribute, argparse kwargs); the attribute names are ours alone, prefixed so
 # they can never collide with a ServerArgs field.

@@ -17,8 +17,33 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def test_defaults_are_off_and_blendconfig_defaults():
+    from sglang_cacheblend.chunks import builtin_context
+
     opts = options.pop_from_namespace(_parse([]))
-    assert opts == options.ServerOptions(enabled=False, blend=BlendConfig())
+    # Chunk KV is computed after the shipped context by default (measured best, issue 17).
+    assert opts == options.ServerOptions(enabled=False, blend=BlendConfig(),
+                                         chunk_context=builtin_context())
+
+
+def test_the_chunk_context_flag_takes_none_builtin_or_a_file_and_names_itself(tmp_path):
+    from sglang_cacheblend.chunks import builtin_context
+
+    assert options.pop_from_namespace(_parse(["--cacheblend-chunk-context", "none"])
+                                      ).chunk_context == ""
+    assert options.pop_from_namespace(_parse(["--cacheblend-chunk-context", "builtin:2"])
+                                      ).chunk_context == builtin_context(2)
+    path = tmp_path / "context.txt"
+    path.write_text("Preceding text.\n\n")
+    opts = options.pop_from_namespace(_parse(["--enable-cacheblend",
+                                              "--cacheblend-chunk-context", str(path)]))
+    assert opts.chunk_context == "Preceding text.\n\n"
+    assert options.ServerOptions.from_env({options.ENV_VAR: opts.to_env()}) == opts
+    with pytest.raises(ValueError, match="--cacheblend-chunk-context"):
+        options.pop_from_namespace(_parse(["--cacheblend-chunk-context", "nowhere.txt"]))
+    window = options.pop_from_namespace(_parse(["--cacheblend-recompute-window", "4"]))
+    assert window.blend.recompute_window == 4
+    with pytest.raises(ValueError, match="--cacheblend-recompute-window"):
+        options.pop_from_namespace(_parse(["--cacheblend-recompute-window", "0"]))
 
 
 def test_flags_round_trip_through_env_and_leave_no_attributes():

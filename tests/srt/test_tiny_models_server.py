@@ -24,7 +24,7 @@ import torch
 from sglang_cacheblend.chunks import ChunkedPrompt, chunk_hints, precompute_hints, sink_ids
 from sglang_cacheblend.config import BlendConfig
 from sglang_cacheblend.eval.dataset import build_prompt, load_items, tokenize_prompt
-from tests.conftest import free_port
+from tests.conftest import STANDALONE_CHUNKS, free_port
 
 SAMPLE = Path(__file__).parent.parent / "data" / "musique_sample.json"
 ARCHS = ("qwen2", "mistral", "qwen3")
@@ -64,7 +64,8 @@ def tiny(request, model_path, tmp_path_factory):
     arch = request.param
     ckpt = _tiny_checkpoint(arch, tmp_path_factory.mktemp(f"tiny-{arch}"), model_path)
     log_path = ckpt / "sglang.log"
-    proc = ServerProcess(args=["--enable-cacheblend", "--dtype", "float32"], port=free_port(),
+    proc = ServerProcess(args=["--enable-cacheblend", "--dtype", "float32",
+                               *STANDALONE_CHUNKS], port=free_port(),
                          model_path=ckpt, log_path=log_path)
     try:
         proc.start()
