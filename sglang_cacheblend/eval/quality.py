@@ -270,10 +270,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gradual-end-layer", type=int, default=defaults.gradual_end_layer)
     parser.add_argument("--no-gradual", action="store_true",
                         help="skip the gradual-filtering mode")
-    parser.add_argument("--chunk-context", default=None,
-                        help="also score every blended mode on chunk KV computed after this "
-                             "context (builtin[:N] or a text file; the started server gets "
-                             "--cacheblend-chunk-context with it)")
+    parser.add_argument("--chunk-context", default="builtin",
+                        help="the started server's --cacheblend-chunk-context (default: the "
+                             "server's default, builtin); every blended mode is also scored on "
+                             "chunk KV computed after it ('ctx' modes). none: standalone chunk "
+                             "KV only")
     parser.add_argument("--windows", type=int, nargs="*", default=[],
                         help="recompute windows (contiguous runs of rows) scored at --main-ratio")
     parser.add_argument("--no-standalone", action="store_true",
@@ -331,7 +332,8 @@ def run(args: argparse.Namespace, server_args: list[str], command: str) -> int:
         max_new_tokens=args.max_new_tokens, top_k=args.top_k, ratios=tuple(args.ratios),
         main_ratio=args.main_ratio, selectors=tuple(args.selectors),
         gradual_end_layer=None if args.no_gradual else args.gradual_end_layer,
-        chunk_context=args.chunk_context, windows=tuple(args.windows),
+        chunk_context=None if args.chunk_context == "none" else args.chunk_context,
+        windows=tuple(args.windows),
         standalone_modes=not args.no_standalone,
     )
     model_path = ensure_model()
@@ -344,8 +346,7 @@ def run(args: argparse.Namespace, server_args: list[str], command: str) -> int:
     else:
         flags = server_args if "--enable-cacheblend" in server_args else [
             "--enable-cacheblend", *server_args]
-        if config.chunk_context is not None:
-            flags = [*flags, "--cacheblend-chunk-context", config.chunk_context]
+        flags = [*flags, "--cacheblend-chunk-context", config.chunk_context or "none"]
         with ServerProcess(args=flags, model_path=model_path,
                            log_path=args.out / "server.log") as server:
             rows = evaluate(server.base_url, config, decode, encode)
