@@ -262,9 +262,7 @@ class ChunkAdmission:
             if hit is None or why:
                 still_missed.append(match)
                 continue
-            if allocator.available_size() < n:
-                cache.evict(EvictParams(num_tokens=n - allocator.available_size()))
-            slots = allocator.alloc(n)
+            slots = self._alloc(n)
             if slots is None:
                 if hit.tier == "host":  # a host hit left host RAM: put it back
                     store.spill(key, hit.kv)
@@ -294,19 +292,15 @@ class ChunkAdmission:
         chunk that does not fit is recomputed in place as an ordinary uncached span (the blend
         stays correct, the chunk is just not cached).
         """
-        cache = self._cache
         if not misses:
             return ()
         sink = () if context is not None else state.request.sink
-        allocator = cache.token_to_kv_pool_allocator
         out = []
         for match in misses:
             need = len(sink) + match.end - match.start
             if need > remaining_tokens():
                 break
-            if allocator.available_size() < need:
-                cache.evict(EvictParams(num_tokens=need - allocator.available_size()))
-            slots = allocator.alloc(need)
+            slots = self._alloc(need)
             if slots is None:
                 break
             miss = ChunkMiss(
@@ -317,6 +311,14 @@ class ChunkAdmission:
             state.pending[id(miss)] = miss
             out.append(miss)
         return tuple(out)
+
+    def _alloc(self, n: int) -> torch.Tensor | None:
+        """``n`` fresh slots, evicting unlocked KV first when the pool is short (None if even
+        that does not free enough). The caller has checked the admission budget."""
+        allocator = self._cache.token_to_kv_pool_allocator
+        if allocator.available_size() < n:
+            self._cache.evict(EvictParams(num_tokens=n - allocator.available_size()))
+        return allocator.alloc(n)
 
     def _match_context(self, req: Req, state: RequestChunks,
                        matches: Sequence[ChunkMatch]) -> ChunkMatch | None:
@@ -335,13 +337,9 @@ class ChunkAdmission:
         ids = torch.tensor(state.request.prefix_ids, dtype=torch.int64)
         if hit is not None:
             return ContextPrefix(ids, hit.kv_loc, ready=True)
-        n = ids.numel()
-        allocator = self._cache.token_to_kv_pool_allocator
-        if n > remaining_tokens():
+        if ids.numel() > remaining_tokens():
             return None
-        if allocator.available_size() < n:
-            self._cache.evict(EvictParams(num_tokens=n - allocator.available_size()))
-        slots = allocator.alloc(n)
+        slots = self._alloc(ids.numel())
         if slots is None:
             return None
         prefix = ContextPrefix(ids, slots, ready=False)
