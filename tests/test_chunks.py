@@ -287,3 +287,33 @@ def test_chunk_context_in_hints_is_parsed_and_checked():
     bad_pre["actions"][0]["payload"] = {"spans": [[0, 4]]}
     with pytest.raises(ValueError, match="unknown keys"):
         read_client_action(_triples(bad_pre))
+
+
+def test_a_context_family_is_named_by_its_name_only_and_checked_in_hints():
+    from sglang_cacheblend.chunks import context_variant, family_variant
+
+    assert family_variant((1,), "bm25-3") == "standalone-after:1+family:bm25-3"
+    assert family_variant((1,), "bm25-3") not in (family_variant((1,), "random-3"),
+                                                  context_variant((1,), (5,)))
+    pre = read_client_action(_triples(precompute_hints(context_family="bm25-3",
+                                                       context_ids=[5, 6])))
+    assert pre.precompute and pre.context_family == "bm25-3" and pre.context_ids == (5, 6)
+    blend = read_client_action(_triples(chunk_hints([(0, 4)], context_family="bm25-3")))
+    assert blend.context_family == "bm25-3" and blend.context_ids is None
+    bad = [
+        (precompute_hints(context_family="bm25 3", context_ids=[5]), "context_family must"),
+        (precompute_hints(context_family="f"), "needs its context_ids"),
+        (precompute_hints(context_ids=[5]), "need a context_family"),
+        (precompute_hints(context_family="f", context_ids=[]), "non-empty"),
+        (precompute_hints(context_family="f", context_ids=[5], chunk_context="none"), "not both"),
+        (chunk_hints([(0, 4)], context_family="f", chunk_context="server"), "not both"),
+    ]
+    raw = chunk_hints([(0, 4)], context_family="f")
+    raw["actions"][0]["payload"]["context_ids"] = [5]
+    bad.append((raw, "unknown keys"))
+    raw = precompute_hints(context_family="f", context_ids=[5])
+    raw["actions"][0]["payload"]["context_ids"] = [5, True, -1]
+    bad.append((raw, "non-negative integer"))
+    for hints, message in bad:
+        with pytest.raises(ValueError, match=message):
+            read_client_action(_triples(hints))

@@ -19,6 +19,8 @@ def precompute_chunks(
     cache_salt: str | None = None,
     extra_key: str | None = None,
     chunk_context: str | None = None,
+    context_family: str | None = None,
+    contexts: Sequence[Sequence[int]] | None = None,
     timeout: float = 600.0,
 ) -> list[dict[str, Any]]:
     """Compute each text's chunk KV and store it in the server's chunk index.
@@ -26,16 +28,26 @@ def precompute_chunks(
     One batched ``/generate`` call with ``max_new_tokens: 0``; returns SGLang's outputs, one per
     text. ``cache_salt``/``extra_key`` must match those of the requests that will reuse them,
     and so must ``chunk_context`` (None or "server": after the server's chunk context, if it
-    has one; "none": standalone after the sink).
+    has one; "none": standalone after the sink). With ``context_family``, ``contexts[i]`` are
+    the token ids text ``i`` is computed after (beside the sink), and requests that name the
+    family (``chunk_hints(..., context_family=...)``) reuse the chunks.
     """
     import requests  # only clients that talk to a server pay for it
 
     if not texts:
         raise ValueError("precompute_chunks needs at least one text")
+    if (context_family is None) != (contexts is None):
+        raise ValueError("give context_family and contexts together")
+    if contexts is not None and len(contexts) != len(texts):
+        raise ValueError(f"{len(contexts)} contexts for {len(texts)} texts")
+    hints: Any = precompute_hints(chunk_context=chunk_context)
+    if contexts is not None:
+        hints = [precompute_hints(context_family=context_family, context_ids=ids)
+                 for ids in contexts]
     body: dict[str, Any] = {
         "text": [chunk(text) for text in texts],
         "sampling_params": {"max_new_tokens": 0},
-        "kv_hints": precompute_hints(chunk_context=chunk_context),
+        "kv_hints": hints,
     }
     for name, value in (("cache_salt", cache_salt), ("extra_key", extra_key)):
         if value is not None:

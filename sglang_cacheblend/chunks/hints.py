@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sglang_cacheblend.chunks.context import CONTEXT_CHOICES
+from sglang_cacheblend.chunks.context import CONTEXT_CHOICES, check_context_ids, check_family
 from sglang_cacheblend.chunks.spans import Span, validate_spans
 from sglang_cacheblend.config import SELECTOR_NAMES
 
@@ -40,6 +40,7 @@ def chunk_hints(
     ratio_policy: str | None = None,
     chunk_context: str | None = None,
     recompute_window: int | None = None,
+    context_family: str | None = None,
     message_id: str = "cacheblend",
 ) -> dict[str, Any]:
     """A ``kv_hints`` envelope marking ``[start, end)`` spans of ``input_ids`` as chunks.
@@ -49,22 +50,31 @@ def chunk_hints(
     server's Loading Controller pick the ratio (``"fixed"``: never); ``chunk_context="none"``
     reuses chunk KV computed standalone even on a server with a chunk context
     (``"server"``: the server's, the default); ``recompute_window`` recomputes reused rows in
-    contiguous runs of that many rows (``BlendConfig.recompute_window``).
+    contiguous runs of that many rows (``BlendConfig.recompute_window``); ``context_family``
+    reuses the chunks precomputed in that family, each after its own context
+    (:func:`precompute_hints`); a chunk the family lacks makes the request a normal prefill.
     """
     payload: dict[str, Any] = {"spans": [[int(s), int(e)] for s, e in spans]}
     overrides = {"recompute_ratio": recompute_ratio, "selector": selector,
                  "gradual": None if gradual is None else [[int(l), float(r)] for l, r in gradual],
                  "ratio_policy": ratio_policy, "chunk_context": chunk_context,
-                 "recompute_window": recompute_window}
+                 "recompute_window": recompute_window, "context_family": context_family}
     payload.update({k: v for k, v in overrides.items() if v is not None})
     return envelope(ACTION_CHUNKS, payload, message_id)
 
 
-def precompute_hints(*, chunk_context: str | None = None,
+def precompute_hints(*, chunk_context: str | None = None, context_family: str | None = None,
+                     context_ids: Sequence[int] | None = None,
                      message_id: str = "cacheblend") -> dict[str, Any]:
     """A ``kv_hints`` envelope asking the server to compute the request's one chunk for the
-    chunk index: after the server's chunk context, or standalone with ``chunk_context="none"``."""
-    payload = {} if chunk_context is None else {"chunk_context": chunk_context}
+    chunk index: after the server's chunk context, standalone with ``chunk_context="none"``, or
+    after the sink and ``context_ids`` as a member of ``context_family``, where requests
+    naming the family find it (the two go together)."""
+    payload: dict[str, Any] = {} if chunk_context is None else {"chunk_context": chunk_context}
+    if context_family is not None:
+        payload["context_family"] = context_family
+    if context_ids is not None:
+        payload["context_ids"] = [int(t) for t in context_ids]
     return envelope(ACTION_PRECOMPUTE, payload, message_id)
 
 
@@ -80,8 +90,8 @@ def envelope(action_type: str, payload: dict[str, Any], message_id: str) -> dict
 
 
 _PAYLOAD_KEYS = frozenset({"spans", "recompute_ratio", "selector", "gradual", "ratio_policy",
-                           "chunk_context", "recompute_window"})
-_PRECOMPUTE_KEYS = frozenset({"chunk_context"})
+                           "chunk_context", "recompute_window", "context_family"})
+_PRECOMPUTE_KEYS = frozenset({"chunk_context", "context_family", "context_ids"})
 RATIO_POLICIES = ("fixed", "controller")
 
 
@@ -103,6 +113,8 @@ class ClientAction:
     ratio_policy: str | None = None
     chunk_context: str | None = None
     recompute_window: int | None = None
+    context_family: str | None = None
+    context_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "spans", validate_spans(self.spans, _max_end(self.spans)))
@@ -133,6 +145,25 @@ class ClientAction:
         if self.chunk_context is not None and self.chunk_context not in CONTEXT_CHOICES:
             raise ValueError(f"chunk_context must be one of {list(CONTEXT_CHOICES)}, got "
                              f"{self.chunk_context!r}")
+        self._check_family()
+
+    def _check_family(self) -> None:
+        """A family replaces the server's context: never both; a precompute in a family says
+        the chunk's own context, a blended request only names the family."""
+        if self.context_family is None:
+            if self.context_ids is not None:
+                raise ValueError("context_ids need a context_family to file the chunk under")
+            return
+        check_family(self.context_family)
+        if self.chunk_context is not None:
+            raise ValueError("give chunk_context or context_family, not both")
+        if self.precompute:
+            if self.context_ids is None:
+                raise ValueError("a precompute in a context_family needs its context_ids")
+            object.__setattr__(self, "context_ids", check_context_ids(self.context_ids))
+        elif self.context_ids is not None:
+            raise ValueError("context_ids belong to precompute requests; a blended request "
+                             "names the context_family only")
 
     @property
     def overrides_blend(self) -> bool:
@@ -164,7 +195,9 @@ def read_client_action(actions: Iterable[tuple[str, str, Any]]) -> ClientAction 
         raise ValueError(f"{kind} payload has unknown keys {unknown}; known: "
                          f"{sorted(known)}")
     if kind == ACTION_PRECOMPUTE:
-        return ClientAction(True, chunk_context=payload.get("chunk_context"))
+        return ClientAction(True, chunk_context=payload.get("chunk_context"),
+                            context_family=payload.get("context_family"),
+                            context_ids=payload.get("context_ids"))
     if "spans" not in payload:
         raise ValueError(f"{kind} payload needs 'spans': a list of [start, end] pairs")
     spans = payload["spans"]
@@ -173,7 +206,7 @@ def read_client_action(actions: Iterable[tuple[str, str, Any]]) -> ClientAction 
     return ClientAction(False, tuple(spans), payload.get("recompute_ratio"),
                         payload.get("selector"), payload.get("gradual"),
                         payload.get("ratio_policy"), payload.get("chunk_context"),
-                        payload.get("recompute_window"))
+                        payload.get("recompute_window"), payload.get("context_family"))
 
 
 def _is_unit_number(value: Any) -> bool:

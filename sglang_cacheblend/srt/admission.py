@@ -133,7 +133,9 @@ class ChunkAdmission:
             "chunk_misses": sum(not m.hit for m in matches),
         })
         self._requests[req.rid] = state
-        if request.context:
+        if request.family:
+            state.report["chunk_context_family"] = request.family
+        elif request.context:
             state.report["chunk_context_tokens"] = len(request.context)
             state.context_namespace = self._context_namespace(req, request)
         # The chunk context's own KV is locked with the hits when a chunk missed (the misses
@@ -183,7 +185,9 @@ class ChunkAdmission:
         """With the hits locked: allocate miss slots and set ``state.blend``; else say why not.
 
         Chunk tokens count whether they hit or not: a missed chunk is computed standalone first
-        (and cached for the next request), which is what makes it reusable at all.
+        (and cached for the next request), which is what makes it reusable at all. In a context
+        family, only a chunk's precompute knows its context, so a missed chunk is prefilled in
+        place instead (exact, not cached).
         """
         stale = set(locked.stale)  # evicted since the lookup: treat as misses
         if remaining_tokens() < 0:
@@ -198,8 +202,12 @@ class ChunkAdmission:
             context_hit = context is not None and context.hit and len(matches) not in stale
             prefix = self._context_prefix(state, context if context_hit else None,
                                           remaining_tokens)
+        family = state.request.family
+        if family and not hits and not loads:
+            return (f"none of its chunks is in context family {family!r} (precompute them "
+                    "there first): prefilled in full")
         misses = ()
-        if prefix is not None or not state.request.context:
+        if not family and (prefix is not None or not state.request.context):
             misses = self._allocate_misses(req, state, missed, remaining_tokens, prefix)
         if prefix is not None:
             state.report["chunk_context_cached"] = prefix.ready
@@ -442,7 +450,8 @@ class ChunkAdmission:
         ===============  ============================  ========================================
         [0, start)       the sink (and the context)    freed here; with a context: into the
                                                        prefix tree (the next precompute's
-                                                       prefix), duplicates freed
+                                                       prefix), duplicates freed; a family
+                                                       member's own context: freed
         [start, end)     the chunk, at those positions owned by the index (a duplicate: freed)
         [end, up_to)     generated tokens, if any      freed here
         [up_to, ...)     over-allocation               freed by ``release_kv_cache``
@@ -466,7 +475,7 @@ class ChunkAdmission:
             row[start:end].clone(), start,
         )
         ranges = [(end if result.redundant_loc is None else start, up_to)]
-        if request.context:
+        if request.context and not request.family:  # a family member's context is its own
             cache.insert_prefix(req, start)
         else:
             ranges.insert(0, (protected, start))

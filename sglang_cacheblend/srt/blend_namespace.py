@@ -37,13 +37,15 @@ def config_digest(config: BlendConfig) -> str:
 
 
 def blend_extra_key(extra_key: str | None, config: BlendConfig, *,
-                    controller: bool = False, chunk_context: Sequence[int] = ()) -> str:
+                    controller: bool = False, chunk_context: Sequence[int] = (),
+                    family: str = "") -> str:
     """The prefix-tree ``extra_key`` of a request blended with ``config``.
 
     With ``controller`` the ratio is the Loading Controller's, chosen later: the key says
     ``rauto`` instead of a ratio, so such KV is shared only among controller-blended requests.
     With a ``chunk_context`` (the ids chunk KV is computed after) the key names it too: the
-    blend of context-conditioned chunk KV is other KV than the blend of standalone chunk KV.
+    blend of context-conditioned chunk KV is other KV than the blend of standalone chunk KV;
+    so does a context ``family``.
 
     Keeps the caller's ``extra_key`` (LoRA adapter, caller classification) after a ``|``, so
     blended prefixes are shared only among requests of the same kind. The ``|`` is always
@@ -54,6 +56,8 @@ def blend_extra_key(extra_key: str | None, config: BlendConfig, *,
     if chunk_context:
         raw = json.dumps([int(t) for t in chunk_context]).encode()
         context = ":c" + hashlib.blake2b(raw, digest_size=6).hexdigest()
+    if family:
+        context += ":f" + family
     return f"{BLEND_KEY_PREFIX}r{ratio}:{config_digest(config)}{context}|{extra_key or ''}"
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from sglang.srt.managers.kv_hints import KvHintAction, KvHintsEnvelope
 
-from sglang_cacheblend.chunks import ACTION_TYPES, Span, context_variant
+from sglang_cacheblend.chunks import ACTION_TYPES, Span, context_variant, family_variant
 from sglang_cacheblend.config import BlendConfig
 
 if TYPE_CHECKING:
@@ -57,7 +57,11 @@ class ChunkRequest:
         "fixed": it does not.
     context : tuple of int
         The chunk context's ids (``--cacheblend-chunk-context``): chunk KV is computed after
-        ``sink + context``, both then dropped; empty for standalone chunk KV.
+        ``sink + context``, both then dropped; empty for standalone chunk KV. In a family,
+        the precompute's own context (a blended request's is empty).
+    family : str
+        The context family (``context_family``) the request's chunks belong to ("" for
+        none): their variant names the family, not each chunk's context.
     """
 
     precompute: bool
@@ -66,10 +70,13 @@ class ChunkRequest:
     blend: BlendConfig | None
     ratio_policy: str = "fixed"
     context: tuple[int, ...] = ()
+    family: str = ""
 
     @property
     def variant(self) -> str:
         """Chunk-namespace variant: how this request's chunk KV is computed."""
+        if self.family:
+            return family_variant(self.sink, self.family)
         return context_variant(self.sink, self.context)
 
     @property
@@ -86,7 +93,7 @@ class ChunkRequest:
         blend = None if self.blend is None else dataclasses.asdict(self.blend)
         return {"precompute": self.precompute, "spans": [list(s) for s in self.spans],
                 "sink": list(self.sink), "blend": blend, "ratio_policy": self.ratio_policy,
-                "context": list(self.context)}
+                "context": list(self.context), "family": self.family}
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> ChunkRequest:
@@ -97,7 +104,8 @@ class ChunkRequest:
         spans = tuple((int(start), int(end)) for start, end in payload["spans"])
         return cls(bool(payload["precompute"]), spans, tuple(int(t) for t in payload["sink"]),
                    blend, str(payload.get("ratio_policy", "fixed")),
-                   tuple(int(t) for t in payload.get("context", ())))
+                   tuple(int(t) for t in payload.get("context", ())),
+                   str(payload.get("family", "")))
 
 
 def envelope_with(

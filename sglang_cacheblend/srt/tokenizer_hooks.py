@@ -95,6 +95,7 @@ class _Decided:
     blend: Any  # BlendConfig | None
     ratio_policy: str = "fixed"
     context: tuple[int, ...] = ()
+    family: str = ""
 
 
 async def tokenize_with_chunks(original: Callable[..., Any], manager: Any, obj: Any) -> Any:
@@ -113,7 +114,7 @@ async def tokenize_with_chunks(original: Callable[..., Any], manager: Any, obj: 
                                min_chunk_len=options.min_chunk_tokens,
                                max_chunks=options.max_chunks)
         request = ChunkRequest(decided.precompute, spans, decided.sink, decided.blend,
-                               decided.ratio_policy, decided.context)
+                               decided.ratio_policy, decided.context, decided.family)
         tokenized.kv_hints = envelope_with(decided.envelope, request, obj.rid)
     return tokenized
 
@@ -138,8 +139,7 @@ def _decide(manager: Any, obj: GenerateReqInput, options: ServerOptions) -> _Dec
     tokenizer = ChunkTokenizer(manager.tokenizer)
     limit = manager.context_len
     sink = tokenizer.sink()
-    use_context = client is None or client.chunk_context != "none"
-    context = tokenizer.context(options.chunk_context) if use_context else ()
+    context, family = _chunk_context(manager, client, options, tokenizer)
     if marked:
         if client is not None and not client.precompute:
             raise ValueError(
@@ -168,13 +168,31 @@ def _decide(manager: Any, obj: GenerateReqInput, options: ServerOptions) -> _Dec
         precompute, spans = True, prompt.spans
     else:
         precompute, spans = False, client.spans
-    blend = None if precompute else _blend_settings(manager, obj, client, options, context)
+    blend = None if precompute else _blend_settings(manager, obj, client, options, context,
+                                                    family)
     policy = "fixed" if precompute else ratio_policy(options, client)
-    return _Decided(precompute, spans, sink, envelope, blend, policy, context)
+    return _Decided(precompute, spans, sink, envelope, blend, policy, context, family)
+
+
+def _chunk_context(manager: Any, client: ClientAction | None, options: ServerOptions,
+                   tokenizer: ChunkTokenizer) -> tuple[tuple[int, ...], str]:
+    """The ids the request's chunk KV is computed after (beside the sink), and its context
+    family ("" for none): a family's precompute brings its own ids, a family's blended request
+    none (its chunks were computed by their precomputes); otherwise the server's context,
+    unless the request asks for standalone chunk KV."""
+    if client is not None and client.context_family is not None:
+        ids = client.context_ids or ()
+        vocab = getattr(manager.model_config, "vocab_size", None)
+        if vocab is not None and any(t >= vocab for t in ids):
+            raise ValueError(f"context_ids hold ids outside the model's vocabulary ({vocab})")
+        return tuple(ids), client.context_family
+    if client is not None and client.chunk_context == "none":
+        return (), ""
+    return tokenizer.context(options.chunk_context), ""
 
 
 def _blend_settings(manager: Any, obj: GenerateReqInput, client: ClientAction | None,
-                    options: ServerOptions, context: tuple[int, ...]):
+                    options: ServerOptions, context: tuple[int, ...], family: str = ""):
     """The request's effective settings, checked against the model; puts the request into its
     settings' prefix namespace (:mod:`.blend_namespace`): blended KV is shared as a prefix only
     among requests blended the same way."""
@@ -183,7 +201,7 @@ def _blend_settings(manager: Any, obj: GenerateReqInput, client: ClientAction | 
                      what="kv_hints cacheblend.chunks gradual/check layer")
     policy = ratio_policy(options, client)
     obj.extra_key = blend_extra_key(obj.extra_key, config, controller=policy == "controller",
-                                    chunk_context=context)
+                                    chunk_context=context, family=family)
     return config
 
 

@@ -414,3 +414,42 @@ def test_spans_are_checked_against_the_ids_sglang_keeps(tokenizer, monkeypatch):
                               kv_hints=chunk_hints([(0, 30), (30, 90)]))
     with pytest.raises(ValueError, match=r"chunk span 1 \[30, 90\) is outside the prompt of 40"):
         asyncio.run(tokenize_with_chunks(truncating, manager, obj))
+
+
+def test_tokenizer_hook_puts_a_family_members_own_context_before_it(tokenizer, monkeypatch):
+    from types import SimpleNamespace
+
+    from sglang_cacheblend.srt.chunk_request import ChunkRequest, chunk_request_of
+    from sglang_cacheblend.srt.server_options import ENV_VAR, ServerOptions
+
+    monkeypatch.setenv(ENV_VAR, ServerOptions(enabled=True, min_chunk_tokens=1,
+                                              chunk_context="Server text.\n\n").to_env())
+    manager = SimpleNamespace(tokenizer=tokenizer, context_len=8192,
+                              model_config=SimpleNamespace(num_hidden_layers=30,
+                                                           vocab_size=49152))
+    ids = tokenizer.encode("a passage given as token ids", add_special_tokens=False)
+    own = [101, 102, 103]
+    obj = _normalized_request(input_ids=list(ids), kv_hints=precompute_hints(
+        context_family="random-3", context_ids=own))
+    tokenized = _run_tokenizer_hook(manager, obj)
+    request = chunk_request_of(SimpleNamespace(kv_hints=tokenized.kv_hints, rid="p"))
+    bos = tokenizer.bos_token_id
+    assert obj.input_ids == [bos, *own, *ids]  # its own context, not the server's
+    assert request.context == tuple(own) and request.family == "random-3"
+    assert request.variant == f"standalone-after:{bos}+family:random-3"
+    assert ChunkRequest.from_payload(request.to_payload()) == request
+    # A blended request names the family only; its blended prefix is its own.
+    keys = set()
+    for family in (None, "random-3"):
+        obj = _normalized_request(input_ids=[*ids, *ids], kv_hints=chunk_hints(
+            [(0, len(ids))], context_family=family))
+        tokenized = _run_tokenizer_hook(manager, obj)
+        keys.add(tokenized.extra_key)
+        blended = chunk_request_of(SimpleNamespace(kv_hints=tokenized.kv_hints, rid="b"))
+        assert blended.context == (() if family else blended.context)
+        assert (blended.family == "random-3") == (family is not None)
+    assert len(keys) == 2
+    obj = _normalized_request(input_ids=list(ids), kv_hints=precompute_hints(
+        context_family="random-3", context_ids=[49152]))
+    with pytest.raises(ValueError, match="vocabulary"):
+        _run_tokenizer_hook(manager, obj)
