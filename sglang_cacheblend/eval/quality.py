@@ -13,7 +13,10 @@ the first ``--passages`` passages as chunks, the question) under each mode:
 - with ``--chunk-context`` (``builtin[:N]`` or a file; the server computes chunk KV after it):
   every mode above twice, on standalone chunk KV (its plain name) and on context-conditioned
   chunk KV (``ctx <name>``), on the same server, so both are scored against the same full
-  prefill and the gap is always measured from standalone reuse.
+  prefill and the gap is always measured from standalone reuse;
+- with ``--families`` (``random:N``, ``bm25:N``, ``own``; :mod:`.context_families`): reuse and
+  the server selector at ``--main-ratio`` on chunks each precomputed after a context of its
+  own (``<family> ...`` modes; ``own``, the prompt's other passages, is an upper bound).
 
 Per item and mode: mean KL to full prefill over full prefill's greedy continuation
 (teacher-forced on the KV the prompt alone produced; distributions on full prefill's top-k ids
@@ -38,6 +41,7 @@ from typing import Any
 from tqdm import tqdm
 
 from sglang_cacheblend.config import BlendConfig
+from sglang_cacheblend.eval.context_families import Corpus, FamilySpec, context_ids, parse_family
 from sglang_cacheblend.eval.dataset import (
     DEFAULT_DATA_PATH,
     build_prompt,
@@ -75,6 +79,7 @@ class QualityConfig:
     chunk_context: str | None = None  # the server's --cacheblend-chunk-context, if any
     windows: tuple[int, ...] = ()  # recompute windows scored at the main ratio
     standalone_modes: bool = True  # with a chunk context: False keeps only standalone reuse
+    families: tuple[str, ...] = ()  # context families (``random:N``, ``bm25:N``, ``own``)
 
 
 def modes_for(config: QualityConfig) -> list[Mode]:
@@ -83,7 +88,7 @@ def modes_for(config: QualityConfig) -> list[Mode]:
     and beside them standalone reuse (the gap's baseline) and, unless
     ``standalone_modes`` is off, the server selector and the other selectors at the main
     ratio on standalone chunk KV."""
-    modes = _modes(config)
+    modes = _modes(config) + _family_modes(config)
     if config.chunk_context is None:
         return modes
     r = config.main_ratio
@@ -93,8 +98,24 @@ def modes_for(config: QualityConfig) -> list[Mode]:
                        if m.blend and m.recompute_ratio == r and m.gradual is None
                        and m.recompute_window is None]
     in_context = [dataclasses.replace(m, name=f"ctx {m.name}", chunk_context="server")
-                  for m in modes if m.blend]
-    return [*standalone, *in_context]
+                  for m in modes if m.blend and m.context_family is None]
+    return [*standalone, *in_context, *(m for m in modes if m.context_family is not None)]
+
+
+def _family_modes(config: QualityConfig) -> list[Mode]:
+    """Reuse and the server selector at the main ratio, per context family."""
+    modes = []
+    for spec in map(parse_family, config.families):
+        label = family_label(spec)
+        modes += [Mode(f"{label} reuse", True, 0.0, context_family=spec.name),
+                  Mode(f"{label} blend@{config.main_ratio:g}", True, config.main_ratio,
+                       context_family=spec.name)]
+    return modes
+
+
+def family_label(spec: FamilySpec) -> str:
+    """A family's mode prefix; the upper bound says so."""
+    return f"{spec.name} (upper bound)" if spec.upper_bound else spec.name
 
 
 def _modes(config: QualityConfig) -> list[Mode]:
@@ -114,18 +135,28 @@ def _modes(config: QualityConfig) -> list[Mode]:
 def evaluate(base_url: str, config: QualityConfig, decode: Callable[[Sequence[int]], str],
              encode: Callable[[str], Sequence[int]]) -> list[dict[str, Any]]:
     """Score every item under every mode; one row per (item, mode)."""
-    items = load_items(config.data)[config.start: config.start + config.items]
+    every = load_items(config.data)
+    items = every[config.start: config.start + config.items]
     scorer = TeacherForcer(base_url)
     modes = modes_for(config)
+    families = [parse_family(f) for f in config.families]
+    corpus = Corpus(every) if families else None
     rows: list[dict[str, Any]] = []
     for item in tqdm(items, desc="items", unit="item"):
         prompt = tokenize_prompt(build_prompt(item, num_passages=config.passages), encode)
         reference = scorer.reference(prompt, max_new_tokens=config.max_new_tokens,
                                      top_k=config.top_k)
         full_answer = decode(reference.answer_ids)
+        precomputed = {}
+        for spec in families:  # each chunk after its own context, before its modes
+            texts = corpus.contexts(spec, item, item.passages[:config.passages])
+            ids = [context_ids(t, encode) for t in texts]
+            seconds = scorer.precompute(prompt, spec.name, ids)
+            precomputed[spec.name] = (seconds, sum(map(len, ids)) / len(ids))
         full = None
         for mode in modes:
             scored = scorer.score(prompt, reference, mode)
+            precompute_s, context_tokens = precomputed.get(mode.context_family, (math.nan, 0))
             full = scored if mode is FULL else full
             answer = decode(scored.answer_ids)
             report = scored.report or {}
@@ -143,6 +174,8 @@ def evaluate(base_url: str, config: QualityConfig, decode: Callable[[Sequence[in
                 "blend_time_s": report.get("blend_time_s", math.nan),
                 "miss_time_s": (report.get("standalone_time_s", math.nan)
                                 if report.get("chunk_sources", {}).get("computed") else math.nan),
+                "precompute_s": precompute_s,
+                "context_tokens": context_tokens,
                 "answer": answer,
             })
     return rows
@@ -171,8 +204,9 @@ def summarize_modes(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             for key in ("kl", "logprob", "answer_matches_full", "f1_vs_full", "dataset_f1",
                         "recomputed_fraction")
         }
-        for key in ("blend_time_s", "miss_time_s"):
-            times = [float(row[key]) for row in mine if not math.isnan(float(row.get(key, math.nan)))]
+        for key in ("blend_time_s", "miss_time_s", "precompute_s"):
+            times = [float(row.get(key, math.nan)) for row in mine]
+            times = [t for t in times if not math.isnan(t)]
             summary[mode][key] = summarize(times).mean if times else math.nan
         summary[mode]["items"] = len(mine)
         base = [reuse_kl[row["item"]] for row in mine if row["item"] in reuse_kl]
@@ -206,22 +240,27 @@ def write_report(out: Path, config: QualityConfig, rows: list[dict[str, Any]],
         f"{config.passages} passages per prompt; machine and commit in `{paths.json.name}`.",
         "",
         "| mode | items | mean KL to full | gap recovered | mean logprob | answer = full |"
-        " F1 vs full | dataset F1 | recomputed rows | blend s | miss compute s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        " F1 vs full | dataset F1 | recomputed rows | blend s | miss compute s |"
+        " family precompute s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in summary.items():
         lines.append(
             f"| {name} | {v['items']:.0f} | {v['kl']:.4f} | {v['gap_recovered']:.0%} | "
             f"{v['logprob']:.3f} | {v['answer_matches_full']:.0%} | {v['f1_vs_full']:.3f} | "
             f"{v['dataset_f1']:.3f} | {v['recomputed_fraction']:.1%} | "
-            f"{_seconds(v['blend_time_s'])} | {_seconds(v['miss_time_s'])} |"
+            f"{_seconds(v['blend_time_s'])} | {_seconds(v['miss_time_s'])} | "
+            f"{_seconds(v['precompute_s'])} |"
         )
     lines += ["", "Gap recovered: `1 - KL(mode) / KL(reuse)` over the items the mode was scored "
               "on, against reuse of standalone chunk KV. `ctx` modes reuse chunk KV computed "
               "after the server's chunk context. Times are the server's own per-request "
               "figures under whatever load the run had (not a benchmark): blend s is the "
               "blended prefill, miss compute s the chunks computed in the request's forward "
-              "(first mode of each chunk variant per item)."]
+              "(first mode of each chunk variant per item), family precompute s the batched "
+              "precompute of an item's chunks, each after its own context, in a context family "
+              "(random / bm25: corpus passages outside the item; own: the prompt's other "
+              "passages, an upper bound that no deployment has)."]
     lines += ["", "![KL vs ratio](quality_kl_vs_ratio.png)", "", "![gap](quality_gap.png)", ""]
     (out / "quality.md").write_text("\n".join(lines))
 
@@ -280,6 +319,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-standalone", action="store_true",
                         help="with --chunk-context: score only the context-conditioned modes "
                              "(standalone reuse stays, as the gap's baseline)")
+    parser.add_argument("--families", nargs="*", default=[], metavar="KIND[:N]",
+                        help="context families scored beside the rest: random:N, bm25:N (N "
+                             "corpus passages per chunk, never the item's own) and own (the "
+                             "prompt's other passages, an upper bound)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
                         help="no server: merge the quality.json of runs over disjoint items "
                              "(e.g. batches of one command) into one report in --out")
@@ -335,7 +378,10 @@ def run(args: argparse.Namespace, server_args: list[str], command: str) -> int:
         chunk_context=None if args.chunk_context == "none" else args.chunk_context,
         windows=tuple(args.windows),
         standalone_modes=not args.no_standalone,
+        families=tuple(args.families),
     )
+    for family in config.families:
+        parse_family(family)  # a bad spec fails before a server starts
     model_path = ensure_model()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     encode = encoder(tokenizer)

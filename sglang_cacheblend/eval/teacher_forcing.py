@@ -25,6 +25,7 @@ that is tight when the set holds nearly all of full prefill's mass.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from typing import Any
 
 import requests
 
-from sglang_cacheblend.chunks import ChunkedPrompt, chunk_hints
+from sglang_cacheblend.chunks import ChunkedPrompt, chunk_hints, precompute_hints
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class Mode:
 
     ``recompute_ratio``, ``selector`` and ``gradual`` override the server's blend settings for
     the request (None: the server's); ratio 0.0 is plain chunk reuse. ``chunk_context``
-    "none" reuses standalone chunk KV on a server with a chunk context (None: the server's).
+    "none" reuses standalone chunk KV on a server with a chunk context (None: the server's);
+    ``context_family`` the chunks precomputed in that family (:meth:`TeacherForcer.precompute`).
     """
 
     name: str
@@ -51,6 +53,7 @@ class Mode:
     gradual: tuple[tuple[int, float], ...] | None = None
     chunk_context: str | None = None
     recompute_window: int | None = None
+    context_family: str | None = None
 
 
 FULL = Mode("full", blend=False)
@@ -146,6 +149,25 @@ class TeacherForcer:
         return Scored(mode, tuple(first["output_ids"]), tuple(token_lps), tuple(support_lps),
                       report)
 
+    def precompute(self, prompt: ChunkedPrompt, family: str,
+                   contexts: Sequence[Sequence[int]]) -> float:
+        """Compute every chunk of ``prompt`` in context ``family``, chunk ``i`` after
+        ``contexts[i]``, in one batched request under this scorer's salt; returns its seconds."""
+        if len(contexts) != len(prompt.spans):
+            raise ValueError(f"{len(contexts)} contexts for {len(prompt.spans)} chunks")
+        body = {
+            "input_ids": [list(prompt.input_ids[s:e]) for s, e in prompt.spans],
+            "sampling_params": {"max_new_tokens": 0},
+            "cache_salt": [self.cache_salt] * len(contexts),
+            "kv_hints": [precompute_hints(context_family=family, context_ids=ids)
+                         for ids in contexts],
+        }
+        started = time.perf_counter()
+        response = requests.post(f"{self.base_url}/generate", json=body, timeout=self.timeout_s)
+        if response.status_code != 200:
+            raise RuntimeError(f"precompute answered {response.status_code}: {response.text}")
+        return time.perf_counter() - started
+
     def _generate(self, input_ids: Sequence[int], mode: Mode, spans: Sequence[tuple[int, int]],
                   *, max_new_tokens: int, **extra: Any) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -158,7 +180,8 @@ class TeacherForcer:
             body["kv_hints"] = chunk_hints(spans, recompute_ratio=mode.recompute_ratio,
                                            selector=mode.selector, gradual=mode.gradual,
                                            chunk_context=mode.chunk_context,
-                                           recompute_window=mode.recompute_window)
+                                           recompute_window=mode.recompute_window,
+                                           context_family=mode.context_family)
         response = requests.post(f"{self.base_url}/generate", json=body, timeout=self.timeout_s)
         if response.status_code != 200:
             raise RuntimeError(f"/generate answered {response.status_code}: {response.text}")

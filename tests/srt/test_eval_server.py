@@ -52,3 +52,26 @@ def test_a_bad_per_request_selector_is_a_400_and_the_server_keeps_serving(server
     assert response.status_code == 400 and "gradual must end at" in response.text
     body["kv_hints"] = chunk_hints([(10, 290)])
     assert requests.post(server.base_url + "/generate", json=body, timeout=600).status_code == 200
+
+
+def test_eval_scores_context_families_on_chunks_precomputed_after_their_own_contexts(
+        server, model_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    config = QualityConfig(data=SAMPLE, items=2, passages=2, max_new_tokens=6, ratios=(),
+                           selectors=(), gradual_end_layer=None, families=("random:1", "own"))
+    rows = evaluate(server.base_url, config,
+                    lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                    lambda text: tokenizer(text, add_special_tokens=False).input_ids)
+    modes = ["full", "reuse", "random-1 reuse", "random-1 blend@0.15",
+             "own (upper bound) reuse", "own (upper bound) blend@0.15"]
+    assert [(r["item"], r["mode"]) for r in rows] == [(i, m) for i in (0, 1) for m in modes]
+    for row in rows:
+        if row["mode"] not in ("full", "reuse"):  # blended on the family's precomputed chunks
+            assert 0.0 < row["recomputed_fraction"] < 1.0 and row["reused_tokens"] > 0, row
+            assert row["precompute_s"] > 0 and row["context_tokens"] > 0
+    summary = summarize_modes(rows)
+    # Each chunk computed after the prompt's other passages is closer to full prefill's KV
+    # than a chunk computed alone: the upper bound must beat standalone reuse.
+    assert summary["own (upper bound) reuse"]["kl"] < summary["reuse"]["kl"]
