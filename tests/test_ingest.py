@@ -493,3 +493,28 @@ def test_a_batch_is_done_only_once_the_store_has_written_it():
             wait_for_store_writes(url, timeout_s=0.3)
     finally:
         server.shutdown()
+
+
+def test_a_context_family_is_part_of_the_state_key():
+    from sglang_cacheblend.ingest.state import chunk_key
+
+    plain = chunk_key("text", model="m")
+    assert chunk_key("text", model="m", family=None) == plain  # old state files stay valid
+    assert chunk_key("text", model="m", family="bm25-3") not in (
+        plain, chunk_key("text", model="m", family="random-3"))
+
+
+def test_bm25_and_random_neighbours_come_from_the_other_chunks_only():
+    from sglang_cacheblend.ingest.neighbours import NeighbourIndex, parse_family
+
+    texts = ["the river flows to the sea", "a train on the railway line",
+             "river sea valley and mill", "honey bees in the hive"]
+    index = NeighbourIndex(texts)
+    others = [1, 2, 3]
+    assert index.context(parse_family("bm25:1"), texts[0], others) == [texts[2]]
+    drawn = index.context(parse_family("random:2"), texts[0], others)
+    assert len(drawn) == 2 and texts[0] not in drawn
+    assert drawn == index.context(parse_family("random:2"), texts[0], others)  # seeded by text
+    for bad in ("own", "bm25", "bm25:0", "random:x"):
+        with pytest.raises(ValueError):
+            parse_family(bad)

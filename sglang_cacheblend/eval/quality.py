@@ -41,7 +41,7 @@ from typing import Any
 from tqdm import tqdm
 
 from sglang_cacheblend.config import BlendConfig
-from sglang_cacheblend.eval.context_families import Corpus, FamilySpec, context_ids, parse_family
+from sglang_cacheblend.eval.context_families import Corpus, context_ids, family_label, parse_family
 from sglang_cacheblend.eval.dataset import (
     DEFAULT_DATA_PATH,
     build_prompt,
@@ -111,11 +111,6 @@ def _family_modes(config: QualityConfig) -> list[Mode]:
                   Mode(f"{label} blend@{config.main_ratio:g}", True, config.main_ratio,
                        context_family=spec.name)]
     return modes
-
-
-def family_label(spec: FamilySpec) -> str:
-    """A family's mode prefix; the upper bound says so."""
-    return f"{spec.name} (upper bound)" if spec.upper_bound else spec.name
 
 
 def _modes(config: QualityConfig) -> list[Mode]:

@@ -43,7 +43,8 @@ class IngestPlan:
 
 
 def plan_ingest(docs: Sequence[Document], codec: Codec, split: SplitConfig, *, model: str,
-                cache_salt: str | None = None, extra_key: str | None = None) -> IngestPlan:
+                cache_salt: str | None = None, extra_key: str | None = None,
+                family: str | None = None) -> IngestPlan:
     chunks: list[Chunk] = []
     keys: list[str] = []
     seen: set[str] = set()
@@ -54,7 +55,8 @@ def plan_ingest(docs: Sequence[Document], codec: Codec, split: SplitConfig, *, m
         if not pieces:
             dropped.append(doc.doc_id)
         for piece in pieces:
-            key = chunk_key(piece.text, model=model, cache_salt=cache_salt, extra_key=extra_key)
+            key = chunk_key(piece.text, model=model, cache_salt=cache_salt, extra_key=extra_key,
+                            family=family)
             if key in seen:
                 duplicates += 1
                 continue

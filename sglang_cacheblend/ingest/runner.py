@@ -4,7 +4,10 @@ Reads a JSONL file, a folder of .txt/.md files or a musique_dev JSON file, split
 into chunks (``--split paragraph|tokens|none``, with the served model's tokenizer), and stores
 each chunk's standalone KV in the server's chunk index, ``--batch`` chunks per ``/generate``.
 Later requests that mark a chunk's exact text (``cb.chunk(text)``) hit it wherever it sits;
-``--chunks-out`` writes those texts.
+``--chunks-out`` writes those texts. ``--context-family bm25:N`` (or ``random:N``) computes each
+chunk after its own context instead, its N BM25 neighbours among the corpus's other chunks (or N
+seeded random ones), filed under the family ``bm25-N``; requests then name the family
+(``chunk_hints(spans, context_family="bm25-N")``).
 
 The server: ``--url`` of a running ``--enable-cacheblend`` server, else one started here on
 127.0.0.1 with ``--enable-cacheblend`` and every unknown argument (e.g. a persistent tier's
@@ -35,6 +38,7 @@ from sglang_cacheblend.ingest.batches import (
     precompute_batches,
 )
 from sglang_cacheblend.ingest.corpus import SPLITS, Chunk, Codec, SplitConfig, read_documents
+from sglang_cacheblend.ingest.neighbours import FamilySpec, NeighbourIndex, context_ids, parse_family
 from sglang_cacheblend.ingest.state import IngestState, default_state_path
 
 __all__ = ["PERSISTENT_TIER_FLAGS", "add_arguments", "persistent_tier", "run"]
@@ -61,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--fresh", action="store_true", help="start a new state file: precompute everything")
     add("--chunks-out", type=Path, default=None,
         help="write every chunk (doc id, index, text, tokens) here as JSONL: the texts to mark")
+    add("--context-family", type=parse_family, default=None, metavar="KIND:N",
+        help="bm25:N or random:N: compute each chunk after its own context (its N BM25 "
+             "neighbours among the corpus's other chunks, or N seeded random ones), filed under "
+             "the family KIND-N that requests name (default: the server's chunk context)")
     add("--cache-salt", default=None, help="cache_salt the reusing requests will send")
     add("--extra-key", default=None, help="extra_key the reusing requests will send")
     add("--url", default=None, help="a running --enable-cacheblend server (else one is started)")
@@ -192,6 +200,23 @@ class _Job:
     state: IngestState
     sink_len: int
     started: float  # time.perf_counter() at the start of the run
+    contexts: _Contexts | None = None  # with --context-family
+
+
+class _Contexts:
+    """Each chunk's own context under ``--context-family``: passages among the corpus's other
+    chunks (:mod:`.neighbours`), as token ids."""
+
+    def __init__(self, family: FamilySpec, plan: IngestPlan, codec: Codec) -> None:
+        self.family = family
+        self._index = NeighbourIndex([c.text for c in plan.chunks])
+        self._position = {c.text: i for i, c in enumerate(plan.chunks)}
+        self._encode = codec.encode
+
+    def ids(self, chunk: Chunk) -> list[int]:
+        me = self._position[chunk.text]
+        others = [i for i in range(len(self._index)) if i != me]
+        return context_ids(self._index.context(self.family, chunk.text, others), self._encode)
 
 
 def run(args: argparse.Namespace, server_args: list[str]) -> IngestSummary:
@@ -205,8 +230,10 @@ def run(args: argparse.Namespace, server_args: list[str]) -> IngestSummary:
     split = SplitConfig(args.split, max_tokens=args.max_tokens, window=args.window,
                         min_tokens=target.min_chunk_tokens,
                         max_chunk_tokens=tokenizer.max_chunk_tokens)
+    family: FamilySpec | None = args.context_family
     plan = plan_ingest(docs, tokenizer.codec, split, model=_model_identity(target.model_path),
-                       cache_salt=args.cache_salt, extra_key=args.extra_key)
+                       cache_salt=args.cache_salt, extra_key=args.extra_key,
+                       family=family.name if family else None)
     if args.chunks_out:
         _write_chunks(args.chunks_out, plan)
     state_path = args.state or default_state_path(args.input)
@@ -220,7 +247,8 @@ def run(args: argparse.Namespace, server_args: list[str]) -> IngestSummary:
                   flush=True)
             done = [False] * len(done)
         pending = [(k, c) for k, c, d in zip(plan.keys, plan.chunks, done) if not d]
-        job = _Job(args, plan, pending, state, tokenizer.sink_len, started)
+        contexts = None if family is None else _Contexts(family, plan, tokenizer.codec)
+        job = _Job(args, plan, pending, state, tokenizer.sink_len, started, contexts)
         if url or (not pending and not args.keep_server):
             return _ingest(job, url)
         return _ingest_own_server(job, server_args, target)
@@ -262,12 +290,15 @@ def _ingest(job: _Job, url: str | None) -> IngestSummary:
     args, plan = job.args, job.plan
 
     def precompute(batch: list[Chunk]) -> None:
+        contexts = None if job.contexts is None else [job.contexts.ids(c) for c in batch]
         outputs = chunks_pkg.precompute_chunks(
             url, [c.text for c in batch], cache_salt=args.cache_salt, extra_key=args.extra_key,
-            timeout=args.timeout)
+            context_family=None if job.contexts is None else job.contexts.family.name,
+            contexts=contexts, timeout=args.timeout)
         if not isinstance(outputs, list) or len(outputs) != len(batch):
             raise RuntimeError(f"the server answered {len(batch)} precomputes with {outputs!r}")
-        _check_tokenized_alike(batch, outputs, job.sink_len)
+        _check_tokenized_alike(batch, outputs, job.sink_len,
+                               [len(c) for c in contexts] if contexts else None)
         wait_for_store_writes(url, timeout_s=args.timeout)
 
     evictions_before = _chunk_evictions(url) if url and job.pending else None
@@ -287,11 +318,15 @@ def _ingest(job: _Job, url: str | None) -> IngestSummary:
     return summary
 
 
-def _check_tokenized_alike(batch: list[Chunk], outputs: list, sink_len: int) -> None:
+def _check_tokenized_alike(batch: list[Chunk], outputs: list, sink_len: int,
+                           context_lens: list[int] | None = None) -> None:
     """``RuntimeError`` unless the server tokenized every chunk into the ids counted here (its
-    ``prompt_tokens`` is the sink plus the chunk): another tokenizer would cut other windows."""
-    for c, output in zip(batch, outputs):
+    ``prompt_tokens`` is the sink, the chunk's own context if any, and the chunk): another
+    tokenizer would cut other windows."""
+    for i, (c, output) in enumerate(zip(batch, outputs)):
         served = (output.get("meta_info") or {}).get("prompt_tokens")
+        if served is not None and context_lens is not None:
+            served -= context_lens[i]
         if served is not None and served != sink_len + c.num_tokens:
             raise RuntimeError(
                 f"the server tokenized chunk {c.index} of {c.doc_id!r} into {served - sink_len} "

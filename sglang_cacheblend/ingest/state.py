@@ -26,9 +26,11 @@ HEADER = json.dumps({"format": "sglang-cacheblend-ingest-state", "version": 1})
 
 
 def chunk_key(text: str, *, model: str, cache_salt: str | None = None,
-              extra_key: str | None = None) -> str:
-    """A stable digest of (chunk text, model identity, cache_salt, extra_key)."""
-    raw = json.dumps([model, cache_salt, extra_key, text], ensure_ascii=False)
+              extra_key: str | None = None, family: str | None = None) -> str:
+    """A stable digest of (chunk text, model identity, cache_salt, extra_key, and the context
+    family if any: the same text in a family is other KV)."""
+    fields = [model, cache_salt, extra_key, text, *([family] if family else [])]
+    raw = json.dumps(fields, ensure_ascii=False)
     return hashlib.blake2b(raw.encode("utf-8"), digest_size=16).hexdigest()
 
 

@@ -150,6 +150,28 @@ def test_a_family_precompute_does_not_file_its_context_in_the_prefix_tree(served
     assert again["meta_info"]["cached_tokens"] == first["meta_info"]["cached_tokens"] <= 1
 
 
+def test_precompute_chunks_files_texts_in_a_family_after_their_own_contexts(served, server, bos,
+                                                                           model_path):
+    from transformers import AutoTokenizer
+
+    from sglang_cacheblend.chunks import precompute_chunks
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    texts = ["The lighthouse keeper rowed out to the reef every morning before the tide. " * 3,
+             "Copper wire carries the current from the dynamo to the village square. " * 3]
+    contexts = [CONTEXT[:40], CONTEXT[40:100]]
+    precompute_chunks(server.base_url, texts, cache_salt="texts", context_family="texts",
+                      contexts=contexts)
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    prompt = [bos, *ids[1], *ids[0], *QUESTION]
+    spans = [(1, 1 + len(ids[1])), (1 + len(ids[1]), 1 + len(ids[1]) + len(ids[0]))]
+    report = _report(_generate(server, prompt, salt="texts", new_tokens=1, kv_hints=chunk_hints(
+        spans, recompute_ratio=0.15, context_family="texts")))
+    assert report["chunk_sources"] == {"pool": 2, "computed": 0, "recomputed_in_place": 0}
+    with pytest.raises(ValueError, match="together"):
+        precompute_chunks(server.base_url, texts, context_family="texts")
+
+
 @pytest.mark.parametrize("payload, precompute, needle", [
     ({"context_family": "no spaces"}, False, "context_family"),
     ({"context_family": FAMILY, "context_ids": [5, 6]}, False, "context_ids"),

@@ -122,3 +122,43 @@ def test_token_windows_reach_the_server_as_the_ingest_counted_them(server, tmp_p
     assert summary.ok, summary.error
     assert summary.precomputed == len(windows) >= 4
     assert "".join(w["text"] for w in windows) == text
+
+
+def test_ingest_into_a_context_family_files_each_chunk_after_its_bm25_neighbours(
+        ingested, server, model_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    from sglang_cacheblend.chunks import chunk_hints
+    from sglang_cacheblend.ingest import runner
+
+    _, chunks, _, corpus, _, _ = ingested
+    salt = f"family-{uuid.uuid4().hex}"
+    args, rest = build_parser().parse_known_args(
+        _argv(corpus, server, salt, tmp_path, "--context-family", "bm25:1"))
+    summary = runner.run(args, rest)
+    assert summary.ok and summary.precomputed == len(chunks)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    ids = [tokenizer.encode(c["text"], add_special_tokens=False) for c in chunks]
+    prompt, spans = tokenizer.encode("Passages:\n", add_special_tokens=False), []
+    for i in (3, 0, 4):
+        spans.append((len(prompt), len(prompt) + len(ids[i])))
+        prompt += ids[i]
+    prompt += tokenizer.encode("\nQuestion: Which river flows through Paris?",
+                               add_special_tokens=False)
+
+    def sources(**hints) -> dict:
+        reply = requests.post(server.base_url + "/generate", timeout=600, json={
+            "input_ids": prompt, "cache_salt": salt,
+            "kv_hints": chunk_hints(spans, recompute_ratio=0.15, **hints),
+            "sampling_params": {"temperature": 0, "max_new_tokens": 1}})
+        assert reply.status_code == 200, reply.text
+        return reply.json()["meta_info"]["cacheblend"][0]
+
+    report = sources(context_family="bm25-1")
+    assert report["chunk_hits"] == 3 and report["chunk_context_family"] == "bm25-1", report
+    # The family's chunks are not the salt's standalone chunks: those were never ingested.
+    assert sources()["chunk_hits"] == 0
+    # A rerun in the family skips everything.
+    inserts = _chunk_inserts(server)
+    assert main(_argv(corpus, server, salt, tmp_path, "--context-family", "bm25:1")) == 0
+    assert _chunk_inserts(server) == inserts
