@@ -30,8 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-
 from bench_blended_forward import DEFAULT_DATA, ROOT, add_dtype_argument, setup
+
 from sglang_cacheblend.blend import forward
 from sglang_cacheblend.blend.attention import ScatteredAttention
 from sglang_cacheblend.blend.offline import run_blend

@@ -362,8 +362,8 @@ def run(args: argparse.Namespace, server_args: list[str], command: str) -> int:
         print((args.out / "quality.md").read_text())
         return 0
 
-    from sglang_cacheblend.launch import ServerProcess
     from sglang_cacheblend.embedded_model import ensure_model
+    from sglang_cacheblend.launch import ServerProcess
 
     config = QualityConfig(
         data=args.data, start=args.start, items=args.items, passages=args.passages,

@@ -38,7 +38,12 @@ from sglang_cacheblend.ingest.batches import (
     precompute_batches,
 )
 from sglang_cacheblend.ingest.corpus import SPLITS, Chunk, Codec, SplitConfig, read_documents
-from sglang_cacheblend.ingest.neighbours import FamilySpec, NeighbourIndex, context_ids, parse_family
+from sglang_cacheblend.ingest.neighbours import (
+    FamilySpec,
+    NeighbourIndex,
+    context_ids,
+    parse_family,
+)
 from sglang_cacheblend.ingest.state import IngestState, default_state_path
 
 __all__ = ["PERSISTENT_TIER_FLAGS", "add_arguments", "persistent_tier", "run"]

@@ -16,6 +16,9 @@ import requests
 
 from sglang_cacheblend.chunks import builtin_context, chunk_hints, precompute_hints
 from tests.conftest import running_server
+from tests.srt.exactness import cacheblend_report
+from tests.srt.exactness import max_abs_diff as _max_diff
+from tests.srt.exactness import output_logprobs as _logprobs
 
 TIMEOUT = 600
 CONTEXT = "builtin:1"
@@ -53,18 +56,10 @@ def _generate(server, input_ids, *, salt, kv_hints=None, new_tokens=NEW_TOKENS):
     return response.json()
 
 
-def _logprobs(out) -> list[float]:
-    return [lp for lp, *_ in out["meta_info"]["output_token_logprobs"]]
-
-
 def _report(out) -> dict:
-    (report,) = out["meta_info"]["cacheblend"]
+    report = cacheblend_report(out)
     assert report["blended"] is True, report
     return report
-
-
-def _max_diff(a, b) -> float:
-    return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
 @pytest.fixture(scope="module")

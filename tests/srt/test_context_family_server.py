@@ -17,6 +17,9 @@ import requests
 
 from sglang_cacheblend.chunks import chunk_hints, precompute_hints
 from tests.conftest import running_server
+from tests.srt.exactness import cacheblend_report as _report
+from tests.srt.exactness import max_abs_diff as _max_diff
+from tests.srt.exactness import output_logprobs as _logprobs
 
 TIMEOUT = 600
 rng = random.Random(23)
@@ -64,19 +67,6 @@ def _precompute(server, chunk_ids, *, salt, family=FAMILY, context=CONTEXT):
     return response.json()
 
 
-def _logprobs(out) -> list[float]:
-    return [lp for lp, *_ in out["meta_info"]["output_token_logprobs"]]
-
-
-def _report(out) -> dict:
-    (report,) = out["meta_info"]["cacheblend"]
-    return report
-
-
-def _max_diff(a, b) -> float:
-    return max(abs(x - y) for x, y in zip(a, b, strict=True))
-
-
 @pytest.fixture(scope="module")
 def served(server, bos):
     """Full prefill; reuse at ratio 0 of the chunk precomputed in the family, and of the same
@@ -107,7 +97,7 @@ def test_a_family_chunk_reused_after_its_own_context_is_full_prefill(served):
 
 def test_a_chunk_the_family_lacks_is_prefilled_in_place_and_not_filed_under_it(served, server,
                                                                                   bos):
-    full, _, _ = served
+    del served  # the family holds CHUNK
     start = 1 + len(CONTEXT)
     # CHUNK is in the family, OTHER is not: OTHER is prefilled in place, never computed
     # standalone (its context is unknown to the server), and not cached: in the other order
