@@ -1,9 +1,13 @@
 """The eval's context families: what each chunk of an evaluated prompt is computed after.
 
 Beside the kinds ingest offers (``random:N``, ``bm25:N``; :mod:`sglang_cacheblend.ingest.
-neighbours`), the eval has ``own``: the other passages of the evaluated prompt, in prompt order.
-That is not a deployable context (it is the request itself), so it is an upper bound, labelled
-so, never a default.
+neighbours`), the eval has two more:
+
+- ``fixed:N``: the first N paragraphs of the shipped chunk context (``builtin:N``) before every
+  chunk, so context lengths are compared on one server (the server's own ``--cacheblend-chunk-
+  context builtin:N`` tokenizes the text as a whole, these ids paragraph by paragraph);
+- ``own``: the other passages of the evaluated prompt, in prompt order. Not a deployable context
+  (it is the request itself), so it is an upper bound, labelled so, never a default.
 
 The corpus is every distinct passage of the data file. ``random`` and ``bm25`` never use a
 passage of the evaluated item (its whole retrieved list, not only the prompt's passages), so a
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from sglang_cacheblend.chunks import builtin_context
 from sglang_cacheblend.eval.dataset import QAItem
 from sglang_cacheblend.ingest.neighbours import (
     FAMILY_KINDS,
@@ -26,12 +31,13 @@ from sglang_cacheblend.ingest.neighbours import parse_family as _parse
 __all__ = ["EVAL_FAMILY_KINDS", "Corpus", "context_ids", "family_label", "parse_family"]
 
 UPPER_BOUND = "own"
-EVAL_FAMILY_KINDS = (*FAMILY_KINDS, UPPER_BOUND)
+FIXED = "fixed"
+EVAL_FAMILY_KINDS = (*FAMILY_KINDS, FIXED, UPPER_BOUND)
 
 
 def parse_family(text: str) -> FamilySpec:
-    """``random:N``, ``bm25:N`` or ``own``."""
-    return _parse(text, EVAL_FAMILY_KINDS)
+    """``random:N``, ``bm25:N``, ``fixed:N`` or ``own``."""
+    return _parse(text, EVAL_FAMILY_KINDS, counted=(*FAMILY_KINDS, FIXED))
 
 
 def family_label(spec: FamilySpec) -> str:
@@ -66,5 +72,8 @@ class Corpus:
         texts its KV is computed after under ``spec``."""
         if spec.kind == UPPER_BOUND:
             return [[p for j, p in enumerate(chunks) if j != i] for i in range(len(chunks))]
+        if spec.kind == FIXED:
+            paragraphs = [p for p in builtin_context(spec.passages).split("\n\n") if p]
+            return [list(paragraphs) for _ in chunks]
         allowed = self.foreign(item)
         return [self.index.context(spec, chunk, allowed) for chunk in chunks]

@@ -14,7 +14,7 @@ the first ``--passages`` passages as chunks, the question) under each mode:
   every mode above twice, on standalone chunk KV (its plain name) and on context-conditioned
   chunk KV (``ctx <name>``), on the same server, so both are scored against the same full
   prefill and the gap is always measured from standalone reuse;
-- with ``--families`` (``random:N``, ``bm25:N``, ``own``; :mod:`.context_families`): reuse and
+- with ``--families`` (``random:N``, ``bm25:N``, ``fixed:N``, ``own``; :mod:`.context_families`): reuse and
   the server selector at ``--main-ratio`` on chunks each precomputed after a context of its
   own (``<family> ...`` modes; ``own``, the prompt's other passages, is an upper bound).
 
@@ -316,8 +316,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(standalone reuse stays, as the gap's baseline)")
     parser.add_argument("--families", nargs="*", default=[], metavar="KIND[:N]",
                         help="context families scored beside the rest: random:N, bm25:N (N "
-                             "corpus passages per chunk, never the item's own) and own (the "
-                             "prompt's other passages, an upper bound)")
+                             "corpus passages per chunk, never the item's own), fixed:N (the "
+                             "shipped context's first N paragraphs) and own (the prompt's other "
+                             "passages, an upper bound)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
                         help="no server: merge the quality.json of runs over disjoint items "
                              "(e.g. batches of one command) into one report in --out")

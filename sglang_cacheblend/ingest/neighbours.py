@@ -43,13 +43,14 @@ class FamilySpec:
         return check_family(f"{self.kind}-{self.passages}" if self.passages else self.kind)
 
 
-def parse_family(text: str, kinds: Sequence[str] = FAMILY_KINDS) -> FamilySpec:
-    """``KIND:N`` (or a count-free kind such as the eval's ``own``) as a :class:`FamilySpec`;
-    ``ValueError`` naming the problem otherwise."""
+def parse_family(text: str, kinds: Sequence[str] = FAMILY_KINDS,
+                 counted: Sequence[str] = FAMILY_KINDS) -> FamilySpec:
+    """``KIND:N`` for the ``counted`` kinds, a bare kind for the others (the eval's ``own``), as
+    a :class:`FamilySpec`; ``ValueError`` naming the problem otherwise."""
     kind, _, count = text.partition(":")
     if kind not in kinds:
         raise ValueError(f"family {text!r}: the kind must be one of {list(kinds)}")
-    if kind not in FAMILY_KINDS:
+    if kind not in counted:
         if count:
             raise ValueError(f"family {kind!r} takes no passage count")
         return FamilySpec(kind)

@@ -61,7 +61,7 @@ def test_own_contexts_are_the_prompts_other_passages_in_order():
     assert context_ids(["ab", "c"], lambda text: list(text.encode())) == list(b"ab\n\nc\n\n")
 
 
-@pytest.mark.parametrize("bad", ["bm25", "random:0", "own:3", "neighbours:2", "bm25:x"])
+@pytest.mark.parametrize("bad", ["bm25", "random:0", "own:3", "neighbours:2", "bm25:x", "fixed"])
 def test_bad_family_specs_are_refused(bad):
     with pytest.raises(ValueError):
         parse_family(bad)
@@ -77,3 +77,16 @@ def test_family_modes_reuse_and_blend_at_the_main_ratio_and_label_the_upper_boun
     assert modes["own (upper bound) blend@0.15"].context_family == "own"
     assert modes["ctx blend@0.15"].context_family is None
     assert not any(name.startswith("ctx random") for name in modes)
+
+
+def test_fixed_contexts_are_the_shipped_paragraphs_before_every_chunk():
+    from sglang_cacheblend.chunks import builtin_context
+
+    items = _items()
+    item = items[2]
+    contexts = Corpus(items).contexts(parse_family("fixed:2"), item, item.passages)
+    assert len(contexts) == 3 and contexts[0] == contexts[2]
+    assert "".join(p + "\n\n" for p in contexts[0]) == builtin_context(2)
+    assert parse_family("fixed:6").name == "fixed-6"
+    with pytest.raises(ValueError):
+        Corpus(items).contexts(parse_family("fixed:99"), item, item.passages)
