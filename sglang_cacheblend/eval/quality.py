@@ -142,14 +142,19 @@ def evaluate(base_url: str, config: QualityConfig, decode: Callable[[Sequence[in
         reference = scorer.reference(prompt, max_new_tokens=config.max_new_tokens,
                                      top_k=config.top_k)
         full_answer = decode(reference.answer_ids)
-        precomputed = {}
-        for spec in families:  # each chunk after its own context, before its modes
-            texts = corpus.contexts(spec, item, item.passages[:config.passages])
-            ids = [context_ids(t, encode) for t in texts]
-            seconds = scorer.precompute(prompt, spec.name, ids)
-            precomputed[spec.name] = (seconds, sum(map(len, ids)) / len(ids))
+        precomputed: dict[str, tuple[float, float]] = {}
         full = None
         for mode in modes:
+            family = mode.context_family
+            if family is not None and family not in precomputed:
+                # Right before the family's first mode, so the pool's LRU has not evicted
+                # its chunks for the blended prefixes of other modes (a chunk the family
+                # lacks would be prefilled in place: exact, and not what is measured).
+                spec = next(f for f in families if f.name == family)
+                texts = corpus.contexts(spec, item, item.passages[:config.passages])
+                ids = [context_ids(t, encode) for t in texts]
+                seconds = scorer.precompute(prompt, family, ids)
+                precomputed[family] = (seconds, sum(map(len, ids)) / len(ids))
             scored = scorer.score(prompt, reference, mode)
             precompute_s, context_tokens = precomputed.get(mode.context_family, (math.nan, 0))
             full = scored if mode is FULL else full
@@ -170,6 +175,8 @@ def evaluate(base_url: str, config: QualityConfig, decode: Callable[[Sequence[in
                 "miss_time_s": (report.get("standalone_time_s", math.nan)
                                 if report.get("chunk_sources", {}).get("computed") else math.nan),
                 "precompute_s": precompute_s,
+                "chunks_prefilled_in_place": report.get("chunk_sources", {}).get(
+                    "recomputed_in_place", 0),
                 "context_tokens": context_tokens,
                 "answer": answer,
             })

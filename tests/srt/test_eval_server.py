@@ -71,6 +71,7 @@ def test_eval_scores_context_families_on_chunks_precomputed_after_their_own_cont
         if row["mode"] not in ("full", "reuse"):  # blended on the family's precomputed chunks
             assert 0.0 < row["recomputed_fraction"] < 1.0 and row["reused_tokens"] > 0, row
             assert row["precompute_s"] > 0 and row["context_tokens"] > 0
+            assert row["chunks_prefilled_in_place"] == 0  # every chunk came from its family
     summary = summarize_modes(rows)
     # Each chunk computed after the prompt's other passages is closer to full prefill's KV
     # than a chunk computed alone: the upper bound must beat standalone reuse.
