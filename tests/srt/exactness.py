@@ -1,4 +1,4 @@
-"""What the exactness checks of chunk variants read from a ``/generate`` answer."""
+"""What the chunk-variant server tests read: a ``/generate`` answer, and the server's state."""
 
 from __future__ import annotations
 
@@ -18,3 +18,14 @@ def cacheblend_report(out: dict[str, Any]) -> dict[str, Any]:
 
 def max_abs_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def assert_nothing_held(base_url: str) -> None:
+    """Every KV slot is free, evictable or protected, none protected, no chunk locked."""
+    import requests
+
+    info = requests.get(base_url + "/server_info", timeout=60).json()
+    state = info["internal_states"][0]["cacheblend"]
+    pool = state["token_pool"]
+    assert pool["available"] + pool["evictable"] + pool["protected"] == pool["total"]
+    assert pool["protected"] == 0 and state["chunk_index"]["locked_size"] == 0

@@ -16,7 +16,7 @@ import requests
 
 from sglang_cacheblend.chunks import builtin_context, chunk_hints, precompute_hints
 from tests.conftest import running_server
-from tests.srt.exactness import cacheblend_report
+from tests.srt.exactness import assert_nothing_held, cacheblend_report
 from tests.srt.exactness import max_abs_diff as _max_diff
 from tests.srt.exactness import output_logprobs as _logprobs
 
@@ -151,11 +151,7 @@ def test_a_bad_chunk_context_is_a_400_and_the_server_keeps_serving(served, serve
 
 
 def test_nothing_leaked(served, server):
-    info = requests.get(server.base_url + "/server_info", timeout=60).json()
-    state = info["internal_states"][0]["cacheblend"]
-    pool = state["token_pool"]
-    assert pool["available"] + pool["evictable"] + pool["protected"] == pool["total"]
-    assert pool["protected"] == 0 and state["chunk_index"]["locked_size"] == 0
+    assert_nothing_held(server.base_url)
 
 
 def test_a_recompute_window_keeps_the_budget_and_bad_windows_are_a_400(served, server, context_ids):

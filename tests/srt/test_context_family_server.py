@@ -17,6 +17,7 @@ import requests
 
 from sglang_cacheblend.chunks import chunk_hints, precompute_hints
 from tests.conftest import running_server
+from tests.srt.exactness import assert_nothing_held
 from tests.srt.exactness import cacheblend_report as _report
 from tests.srt.exactness import max_abs_diff as _max_diff
 from tests.srt.exactness import output_logprobs as _logprobs
@@ -186,8 +187,4 @@ def test_bad_family_fields_are_a_400_and_the_server_keeps_serving(served, server
 
 
 def test_nothing_leaked(served, server):
-    info = requests.get(server.base_url + "/server_info", timeout=60).json()
-    state = info["internal_states"][0]["cacheblend"]
-    pool = state["token_pool"]
-    assert pool["available"] + pool["evictable"] + pool["protected"] == pool["total"]
-    assert pool["protected"] == 0 and state["chunk_index"]["locked_size"] == 0
+    assert_nothing_held(server.base_url)
