@@ -510,11 +510,19 @@ def test_bm25_and_random_neighbours_come_from_the_other_chunks_only():
     texts = ["the river flows to the sea", "a train on the railway line",
              "river sea valley and mill", "honey bees in the hive"]
     index = NeighbourIndex(texts)
-    others = [1, 2, 3]
-    assert index.context(parse_family("bm25:1"), texts[0], others) == [texts[2]]
-    drawn = index.context(parse_family("random:2"), texts[0], others)
+    assert index.context(parse_family("bm25:1"), texts[0], {0}) == [texts[2]]
+    assert index.context(parse_family("bm25:1"), texts[0], {0, 2}) != [texts[2]]
+    drawn = index.context(parse_family("random:2"), texts[0], {0})
     assert len(drawn) == 2 and texts[0] not in drawn
-    assert drawn == index.context(parse_family("random:2"), texts[0], others)  # seeded by text
+    assert drawn == index.context(parse_family("random:2"), texts[0], {0})  # seeded by text
+    # The lazy exclusion draws exactly what the materialised list of allowed indices would.
+    import random
+
+    from sglang_cacheblend.ingest.neighbours import _Without
+
+    kept = _Without(50, {0, 7, 8, 9, 49})
+    assert list(kept) == [i for i in range(50) if i not in {0, 7, 8, 9, 49}]
+    assert random.Random(3).sample(kept, 6) == random.Random(3).sample(list(kept), 6)
     for bad in ("own", "bm25", "bm25:0", "random:x"):
         with pytest.raises(ValueError):
             parse_family(bad)

@@ -63,9 +63,9 @@ class Corpus:
     def __len__(self) -> int:
         return len(self.index)
 
-    def foreign(self, item: QAItem) -> list[int]:
-        """Indices of the passages that were not retrieved for ``item``."""
-        return [i for i, owners in enumerate(self._owners) if item.index not in owners]
+    def own(self, item: QAItem) -> set[int]:
+        """Indices of the passages retrieved for ``item``: its contexts never use them."""
+        return {i for i, owners in enumerate(self._owners) if item.index in owners}
 
     def contexts(self, spec: FamilySpec, item: QAItem, chunks: Sequence[str]) -> list[list[str]]:
         """For each of ``chunks`` (the passages of ``item``'s prompt, in order), the passage
@@ -75,5 +75,5 @@ class Corpus:
         if spec.kind == FIXED:
             paragraphs = [p for p in builtin_context(spec.passages).split("\n\n") if p]
             return [list(paragraphs) for _ in chunks]
-        allowed = self.foreign(item)
-        return [self.index.context(spec, chunk, allowed) for chunk in chunks]
+        own = self.own(item)
+        return [self.index.context(spec, chunk, own) for chunk in chunks]

@@ -9,15 +9,18 @@ from a collection of passages, for corpus ingest and for the eval alike:
 - ``bm25:N``: the chunk's N best BM25 matches (``bm25s``, English stopwords), the chunk's text as
   the query, the best one last so it sits right before the chunk.
 
-The caller says which passages a chunk may use (never the chunk itself). Passages are joined
-like prompt passages (``PASSAGE_SEPARATOR`` after each) and tokenized one by one.
+The caller says which passages a chunk must not use (at least the chunk itself); picking costs
+O(N + excluded) per chunk, never a list of every allowed passage, so ingesting a large corpus
+stays linear. Passages are joined like prompt passages (a blank line after each) and tokenized
+one by one.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -77,28 +80,60 @@ class NeighbourIndex:
                         show_progress=False)
         return retriever
 
-    def context(self, spec: FamilySpec, chunk: str, allowed: Sequence[int]) -> list[str]:
+    def context(self, spec: FamilySpec, chunk: str, exclude: Collection[int]) -> list[str]:
         """The passages ``chunk``'s KV is computed after under ``spec`` (a ``random`` or
-        ``bm25`` family), drawn from the ``allowed`` indices."""
+        ``bm25`` family), never one of the ``exclude`` indices."""
+        allowed = _Without(len(self), exclude)
         if len(allowed) < spec.passages:
             raise ValueError(f"{spec.kind}:{spec.passages} needs {spec.passages} passages; only "
                              f"{len(allowed)} may be used")
         if spec.kind == "random":
             seed = hashlib.blake2b(chunk.encode(), digest_size=8).digest()
-            return [self.texts[i] for i in random.Random(seed).sample(list(allowed),
-                                                                      spec.passages)]
+            return [self.texts[i] for i in random.Random(seed).sample(allowed, spec.passages)]
         if spec.kind == "bm25":
-            return self._neighbours(chunk, set(allowed), spec.passages)
+            return self._neighbours(chunk, allowed, spec.passages)
         raise ValueError(f"no {spec.kind!r} contexts here; kinds: {list(FAMILY_KINDS)}")
 
-    def _neighbours(self, chunk: str, allowed: set[int], n: int) -> list[str]:
+    def _neighbours(self, chunk: str, allowed: _Without, n: int) -> list[str]:
         import bm25s
 
         query = bm25s.tokenize([chunk], stopwords="en", show_progress=False)
-        depth = min(len(self), n + len(self) - len(allowed))  # deep enough to skip the rest
+        depth = min(len(self), n + allowed.excluded)  # deep enough to skip the excluded
         docs, _ = self._bm25.retrieve(query, k=depth, show_progress=False)
         best = [int(d) for d in docs[0] if int(d) in allowed][:n]
         return [self.texts[i] for i in reversed(best)]
+
+
+class _Without(Sequence):
+    """``0..size-1`` without some indices, in order, as a lazy sequence: ``random.sample``
+    draws from it by position, so a draw equals one from the materialised list."""
+
+    def __init__(self, size: int, exclude: Collection[int]) -> None:
+        self._size = size
+        self._gone = sorted({i for i in exclude if 0 <= i < size})
+
+    @property
+    def excluded(self) -> int:
+        return len(self._gone)
+
+    def __len__(self) -> int:
+        return self._size - len(self._gone)
+
+    def __getitem__(self, position):  # type: ignore[override]  # ints only: what sample uses
+        if not 0 <= position < len(self):
+            raise IndexError(position)
+        # The kept index with ``position`` kept ones below it: the least fixed point of
+        # i = position + (excluded indices <= i), reached from below.
+        index = position
+        while (after := position + bisect.bisect_right(self._gone, index)) != index:
+            index = after
+        return index
+
+    def __contains__(self, index: object) -> bool:
+        if not isinstance(index, int) or not 0 <= index < self._size:
+            return False
+        at = bisect.bisect_left(self._gone, index)
+        return at == len(self._gone) or self._gone[at] != index
 
 
 def context_ids(passages: Sequence[str], encode: Callable[[str], Sequence[int]]) -> list[int]:

@@ -220,8 +220,7 @@ class _Contexts:
 
     def ids(self, chunk: Chunk) -> list[int]:
         me = self._position[chunk.text]
-        others = [i for i in range(len(self._index)) if i != me]
-        return context_ids(self._index.context(self.family, chunk.text, others), self._encode)
+        return context_ids(self._index.context(self.family, chunk.text, {me}), self._encode)
 
 
 def run(args: argparse.Namespace, server_args: list[str]) -> IngestSummary:
