@@ -52,7 +52,8 @@ def chunk_hints(
     (``"server"``: the server's, the default); ``recompute_window`` recomputes reused rows in
     contiguous runs of that many rows (``BlendConfig.recompute_window``); ``context_family``
     reuses the chunks precomputed in that family, each after its own context
-    (:func:`precompute_hints`); a chunk the family lacks makes the request a normal prefill.
+    (:func:`precompute_hints`); a chunk the family lacks is prefilled in place, and a request
+    with none of its chunks in the family is a normal prefill.
     """
     payload: dict[str, Any] = {"spans": [[int(s), int(e)] for s, e in spans]}
     overrides = {"recompute_ratio": recompute_ratio, "selector": selector,

@@ -185,6 +185,9 @@ def _chunk_context(manager: Any, client: ClientAction | None, options: ServerOpt
         vocab = getattr(manager.model_config, "vocab_size", None)
         if vocab is not None and any(t >= vocab for t in ids):
             raise ValueError(f"context_ids hold ids outside the model's vocabulary ({vocab})")
+        if len(ids) >= manager.context_len:
+            raise ValueError(f"context_ids hold {len(ids)} ids: no room for the sink and a "
+                             f"chunk within the model's context_len of {manager.context_len}")
         return tuple(ids), client.context_family
     if client is not None and client.chunk_context == "none":
         return (), ""

@@ -170,6 +170,7 @@ def test_precompute_chunks_files_texts_in_a_family_after_their_own_contexts(serv
     ({"context_family": FAMILY}, True, "context_ids"),
     ({"context_family": FAMILY, "context_ids": [10**8]}, True, "vocabulary"),
     ({"context_family": FAMILY, "context_ids": [-1]}, True, "non-negative"),
+    ({"context_family": FAMILY, "context_ids": [5] * 9000}, True, "context_len"),
     ({"context_ids": [5]}, True, "context_family"),
 ])
 def test_bad_family_fields_are_a_400_and_the_server_keeps_serving(served, server, bos, payload,
