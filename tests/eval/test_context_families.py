@@ -90,3 +90,42 @@ def test_fixed_contexts_are_the_shipped_paragraphs_before_every_chunk():
     assert parse_family("fixed:6").name == "fixed-6"
     with pytest.raises(ValueError):
         Corpus(items).contexts(parse_family("fixed:99"), item, item.passages)
+
+
+def test_each_family_is_precomputed_right_before_its_own_modes(monkeypatch, tmp_path):
+    """The pool's LRU evicted upper-bound chunks precomputed before every other mode ran; a
+    family's chunks must be computed just before that family's first mode."""
+    import json
+
+    from sglang_cacheblend.eval import quality
+    from sglang_cacheblend.eval.teacher_forcing import Reference, Scored
+
+    calls: list[str] = []
+
+    class FakeScorer:
+        def __init__(self, base_url):
+            pass
+
+        def reference(self, prompt, **_):
+            return Reference((7,), (7,), 0.0)
+
+        def precompute(self, prompt, family, contexts):
+            calls.append(f"precompute {family}")
+            return 1.0
+
+        def score(self, prompt, reference, mode):
+            calls.append(mode.name)
+            return Scored(mode, (7,), (-0.1,), ({7: -0.1},))
+
+    data = tmp_path / "items.json"
+    data.write_text(json.dumps([
+        {"question": f"q{i}", "answers": ["a"],
+         "ctxs": [{"text": f"passage {i} {j} about rivers"} for j in range(3)]}
+        for i in range(3)]))
+    monkeypatch.setattr(quality, "TeacherForcer", FakeScorer)
+    config = QualityConfig(data=data, items=1, passages=2, ratios=(0.15,), selectors=(),
+                           gradual_end_layer=None, families=("random:1", "own"))
+    quality.evaluate("http://unused", config, lambda ids: "a", lambda text: [1, 2])
+    assert calls == ["full", "reuse", "blend@0.15",
+                     "precompute random-1", "random-1 reuse", "random-1 blend@0.15",
+                     "precompute own", "own (upper bound) reuse", "own (upper bound) blend@0.15"]
