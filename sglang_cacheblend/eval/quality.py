@@ -33,8 +33,9 @@ import argparse
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,9 @@ from sglang_cacheblend.eval.metrics import (
     summarize,
     token_f1,
 )
+from sglang_cacheblend.eval.paired import paired_gap
 from sglang_cacheblend.eval.plots import plot_gap_recovered, plot_quality_vs_ratio
-from sglang_cacheblend.eval.results import write_results
+from sglang_cacheblend.eval.results import provenance, write_results
 from sglang_cacheblend.eval.teacher_forcing import FULL, REUSE, Mode, TeacherForcer
 
 DEFAULT_OUT = Path("docs/results/quality")
@@ -219,10 +221,15 @@ def summarize_modes(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def write_report(out: Path, config: QualityConfig, rows: list[dict[str, Any]],
-                 summary: dict[str, dict[str, float]], command: str) -> None:
-    """JSON + CSV (:mod:`.results`), a Markdown table and the two plots."""
+                 summary: dict[str, dict[str, float]], command: str,
+                 provenance_info: Mapping[str, Any] | None = None) -> None:
+    """JSON + CSV (:mod:`.results`), a Markdown table and the two plots.
+
+    ``provenance_info`` should be taken when the run *started* (the checkout may move while a
+    run of hours goes on); None takes it now."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = write_results(out, "quality", config=_jsonable(config), rows=rows, summary=summary)
+    paths = write_results(out, "quality", config=_jsonable(config), rows=rows, summary=summary,
+                          provenance_info=provenance_info)
     series = {"CacheBlend (server selector)": _sweep(summary, "")}
     if f"ctx {REUSE.name}" in summary:
         series["CacheBlend on context-conditioned chunk KV"] = _sweep(summary, "ctx ")
@@ -263,8 +270,41 @@ def write_report(out: Path, config: QualityConfig, rows: list[dict[str, Any]],
               "precompute of an item's chunks, each after its own context, in a context family "
               "(random / bm25: corpus passages outside the item; own: the prompt's other "
               "passages, an upper bound that no deployment has)."]
+    lines += _paired_lines(rows, summary, config.main_ratio)
     lines += ["", "![KL vs ratio](quality_kl_vs_ratio.png)", "", "![gap](quality_gap.png)", ""]
     (out / "quality.md").write_text("\n".join(lines))
+
+
+def reference_mode(summary: Mapping[str, Any], main_ratio: float) -> str | None:
+    """The mode the others are compared with: the server's own selector at the main ratio, on
+    context-conditioned chunk KV when the run has it (the server's default), else standalone."""
+    for name in (f"ctx blend@{main_ratio:g}", f"blend@{main_ratio:g}"):
+        if name in summary:
+            return name
+    return None
+
+
+def _paired_lines(rows: list[dict[str, Any]], summary: dict[str, dict[str, float]],
+                  main_ratio: float) -> list[str]:
+    """The reference mode against every other blended mode, item by item (:mod:`.paired`)."""
+    ref = reference_mode(summary, main_ratio)
+    others = [name for name in summary if name not in (ref, FULL.name, REUSE.name)]
+    if ref is None or not others:
+        return []
+    lines = ["", f"Paired on the same items, `{ref}` against each mode: items where its KL is "
+             "lower / higher, and its gap recovered minus the mode's with a 95% bootstrap "
+             "interval over items (an interval that excludes 0 is a difference the items "
+             "support).", "",
+             "| against | items | lower KL | higher KL | gap difference | 95% interval |",
+             "|---|---|---|---|---|---|"]
+    for name in others:
+        try:
+            pair = paired_gap(rows, ref, name)
+        except ValueError:
+            continue
+        lines.append(f"| {name} | {pair.items} | {pair.wins} | {pair.losses} | "
+                     f"{pair.difference:+.0%} | [{pair.low:+.0%}, {pair.high:+.0%}] |")
+    return lines
 
 
 def _item_ranges(items: Sequence[int]) -> str:
@@ -333,13 +373,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
 
 
-def merge_runs(dirs: Sequence[Path]) -> tuple[QualityConfig, list[dict[str, Any]], list[str]]:
+def merge_runs(dirs: Sequence[Path]) -> tuple[QualityConfig, list[dict[str, Any]],
+                                              list[dict[str, Any]]]:
     """The rows of several runs' ``quality.json`` (their items must not overlap), the first
-    run's config with the merged item count, and each run's command."""
+    run's config with the merged item count, and each run's provenance (with its folder)."""
     import json
 
     rows: list[dict[str, Any]] = []
-    commands: list[str] = []
+    runs: list[dict[str, Any]] = []
     config = None
     seen: set[tuple[int, str]] = set()
     for folder in dirs:
@@ -350,14 +391,14 @@ def merge_runs(dirs: Sequence[Path]) -> tuple[QualityConfig, list[dict[str, Any]
                 raise ValueError(f"item {row['item']} mode {row['mode']!r} is in two runs")
             seen.add(key)
             rows.append(row)
-        commands.append(str(record["config"].get("command", folder)))
+        runs.append({"folder": str(folder), **record.get("provenance", {})})
         if config is None:
             values = {k: v for k, v in record["config"].items() if k in QualityConfig.__dataclass_fields__}
             values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
             config = QualityConfig(**{**values, "data": Path(values["data"])})
     items = sorted({row["item"] for row in rows})
     config = dataclasses.replace(config, start=items[0], items=len(items))
-    return config, rows, commands
+    return config, rows, runs
 
 
 def run(args: argparse.Namespace, server_args: list[str], command: str) -> int:
@@ -365,8 +406,9 @@ def run(args: argparse.Namespace, server_args: list[str], command: str) -> int:
     from transformers import AutoTokenizer
 
     if args.merge:
-        config, rows, _ = merge_runs(args.merge)
-        write_report(args.out, config, rows, summarize_modes(rows), command)
+        config, rows, runs = merge_runs(args.merge)
+        write_report(args.out, config, rows, summarize_modes(rows), command,
+                     {**provenance(), "runs": runs})
         print((args.out / "quality.md").read_text())
         return 0
 
@@ -390,6 +432,7 @@ def run(args: argparse.Namespace, server_args: list[str], command: str) -> int:
     encode = encoder(tokenizer)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     args.out.mkdir(parents=True, exist_ok=True)
+    started = provenance()  # the commit that ran, not the one checked out when it finished
     if args.url:
         rows = evaluate(args.url, config, decode, encode)
     else:
@@ -400,6 +443,7 @@ def run(args: argparse.Namespace, server_args: list[str], command: str) -> int:
                            log_path=args.out / "server.log") as server:
             rows = evaluate(server.base_url, config, decode, encode)
     summary = summarize_modes(rows)
-    write_report(args.out, config, rows, summary, command)
+    started["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write_report(args.out, config, rows, summary, command, started)
     print((args.out / "quality.md").read_text())
     return 0

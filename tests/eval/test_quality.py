@@ -71,3 +71,62 @@ def test_a_schedule_that_contradicts_the_ratio_is_rejected():
     action = ClientAction(False, ((0, 4),), recompute_ratio=0.1, gradual=[[1, 0.3], [8, 0.15]])
     with pytest.raises(ValueError, match="gradual must end at recompute_ratio=0.1"):
         effective_config(BlendConfig(), action)
+
+
+def _args(tmp_path, **overrides):
+    import argparse
+
+    from sglang_cacheblend.eval.quality import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path), "--url", "http://127.0.0.1:1"])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def test_a_run_records_the_commit_it_started_on_not_the_one_checked_out_when_it_ended(
+        tmp_path, monkeypatch):
+    """Regression: a run of hours recorded whatever commit was checked out when it finished."""
+    import transformers
+
+    from sglang_cacheblend import embedded_model
+    from sglang_cacheblend.eval import quality, results
+
+    checkout = {"commit": "a" * 40}
+    monkeypatch.setattr(results, "git_state", lambda *_: {"commit": checkout["commit"],
+                                                          "dirty": False})
+    monkeypatch.setattr(embedded_model, "ensure_model", lambda: tmp_path)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        staticmethod(lambda *_: SimpleTokenizer()))
+
+    def evaluate(*_):
+        checkout["commit"] = "b" * 40  # someone commits while the run goes on
+        return [_row(0, "full", 0.0), _row(0, "reuse", 0.2), _row(0, "blend@0.15", 0.1)]
+
+    monkeypatch.setattr(quality, "evaluate", evaluate)
+    assert quality.run(_args(tmp_path), [], "test") == 0
+    record = results.load_results(tmp_path / "quality.json")
+    assert record.provenance["git"]["commit"] == "a" * 40
+    assert record.provenance["finished"] >= record.provenance["date"]
+
+
+def test_a_merge_keeps_every_runs_provenance(tmp_path):
+    from sglang_cacheblend.eval import quality, results
+
+    config = QualityConfig(ratios=(0.15,), selectors=(), gradual_end_layer=None)
+    for k, commit in enumerate(("a", "b")):
+        rows = [_row(k, "full", 0.0), _row(k, "reuse", 0.2), _row(k, "blend@0.15", 0.1)]
+        quality.write_report(tmp_path / f"batch_{k}", config, rows, summarize_modes(rows), "t",
+                             {"date": "d", "git": {"commit": commit * 40}, "machine": {}})
+    merged, rows, runs = quality.merge_runs([tmp_path / "batch_0", tmp_path / "batch_1"])
+    assert merged.items == 2 and len(rows) == 6
+    assert [run["git"]["commit"] for run in runs] == ["a" * 40, "b" * 40]
+    assert runs[1]["folder"] == str(tmp_path / "batch_1")
+    assert results.load_results(tmp_path / "batch_0" / "quality.json").name == "quality"
+
+
+class SimpleTokenizer:
+    def decode(self, ids, **_):
+        return " ".join(map(str, ids))
