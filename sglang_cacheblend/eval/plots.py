@@ -1,9 +1,11 @@
-"""The evaluation's three figures, drawn from plain data (lists and dicts) with matplotlib's Agg.
+"""The evaluation's figures, drawn from plain data (lists and dicts) with matplotlib's Agg.
 
 * :func:`plot_quality_vs_ratio`: a quality metric against the recompute ratio, one line per
   series (e.g. per selector), with horizontal lines for full prefill and full reuse;
 * :func:`plot_gap_recovered`: bar chart of the share of the reuse-to-full KL gap each mode closes;
-* :func:`plot_ttft_vs_length`: TTFT against prompt length, one line per mode.
+* :func:`plot_ttft_vs_length`: TTFT against prompt length, one line per mode;
+* :func:`plot_paired_kl`: one mode's KL against others', item by item (below the diagonal: the
+  first mode is closer to full prefill on that item).
 
 Each function writes a PNG to ``out_path`` (parent folders created) and returns the path. The Agg
 backend is chosen per figure (``Figure`` + ``FigureCanvasAgg``), so importing this module never
@@ -97,6 +99,34 @@ def plot_ttft_vs_length(
     ax.set_ylabel("TTFT (s)")
     if log_y:
         ax.set_yscale("log")
+    return _finish(fig, ax, title, out_path)
+
+
+def plot_paired_kl(
+    pairs: Mapping[str, Sequence[Point]],
+    out_path: Path | str,
+    *,
+    reference: str,
+    title: str = "KL to full prefill, item by item",
+) -> Path:
+    """A scatter per compared mode of ``(KL of that mode, KL of reference)`` per item, log
+    axes, and the diagonal: a mean hides whether a win is broad or a few items' doing."""
+    _check_series(pairs, 2)
+    fig, ax = _figure()
+    values = [v for points in pairs.values() for p in points for v in p[:2] if v > 0]
+    if not values:
+        raise ValueError("plot_paired_kl needs positive KLs (log axes)")
+    for label, points in pairs.items():
+        kept = [p for p in points if p[0] > 0 and p[1] > 0]
+        ax.scatter([p[0] for p in kept], [p[1] for p in kept], s=14, alpha=0.7, label=label)
+    lo, hi = min(values) / 1.5, max(values) * 1.5
+    ax.plot([lo, hi], [lo, hi], color="black", linewidth=0.8, label="equal")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("KL of the compared mode")
+    ax.set_ylabel(f"KL of {reference}")
     return _finish(fig, ax, title, out_path)
 
 

@@ -59,7 +59,7 @@ from sglang_cacheblend.eval.metrics import (
     token_f1,
 )
 from sglang_cacheblend.eval.paired import paired_gap
-from sglang_cacheblend.eval.plots import plot_gap_recovered, plot_quality_vs_ratio
+from sglang_cacheblend.eval.plots import plot_gap_recovered, plot_paired_kl, plot_quality_vs_ratio
 from sglang_cacheblend.eval.results import provenance, write_results
 from sglang_cacheblend.eval.teacher_forcing import FULL, REUSE, Mode, TeacherForcer
 
@@ -271,7 +271,10 @@ def write_report(out: Path, config: QualityConfig, rows: list[dict[str, Any]],
               "(random / bm25: corpus passages outside the item; own: the prompt's other "
               "passages, an upper bound that no deployment has)."]
     lines += _paired_lines(rows, summary, config.main_ratio)
-    lines += ["", "![KL vs ratio](quality_kl_vs_ratio.png)", "", "![gap](quality_gap.png)", ""]
+    figures = ["![KL vs ratio](quality_kl_vs_ratio.png)", "![gap](quality_gap.png)"]
+    if _plot_paired(rows, summary, config.main_ratio, out / "quality_paired.png"):
+        figures.append("![item by item](quality_paired.png)")
+    lines += [line for figure in figures for line in ("", figure)] + [""]
     (out / "quality.md").write_text("\n".join(lines))
 
 
@@ -282,6 +285,28 @@ def reference_mode(summary: Mapping[str, Any], main_ratio: float) -> str | None:
         if name in summary:
             return name
     return None
+
+
+def _plot_paired(rows: list[dict[str, Any]], summary: dict[str, dict[str, float]],
+                 main_ratio: float, path: Path) -> bool:
+    """The reference mode's KL against reuse and the main ratio's other modes scored on all
+    its items (at most four), item by item; False when there is nothing to draw."""
+    ref = reference_mode(summary, main_ratio)
+    if ref is None:
+        return False
+    kl = {(row["mode"], row["item"]): float(row["kl"]) for row in rows}
+    items = [row["item"] for row in rows if row["mode"] == ref]
+    others = [name for name, v in summary.items() if name not in (ref, FULL.name)
+              and v["items"] == len(items) and all((name, i) in kl for i in items)
+              and (name.endswith(f"@{main_ratio:g}") or name == REUSE.name)][:4]
+    pairs = {name: [(kl[name, i], kl[ref, i]) for i in items] for name in others}
+    if not pairs:
+        return False
+    try:
+        plot_paired_kl(pairs, path, reference=ref)
+    except ValueError:
+        return False
+    return True
 
 
 def _paired_lines(rows: list[dict[str, Any]], summary: dict[str, dict[str, float]],
@@ -295,7 +320,7 @@ def _paired_lines(rows: list[dict[str, Any]], summary: dict[str, dict[str, float
              "lower / higher, and its gap recovered minus the mode's with a 95% bootstrap "
              "interval over items (an interval that excludes 0 is a difference the items "
              "support).", "",
-             "| against | items | lower KL | higher KL | gap difference | 95% interval |",
+             "| against | items | lower KL | higher KL | gap difference (points) | 95% interval |",
              "|---|---|---|---|---|---|"]
     for name in others:
         try:
@@ -303,7 +328,7 @@ def _paired_lines(rows: list[dict[str, Any]], summary: dict[str, dict[str, float
         except ValueError:
             continue
         lines.append(f"| {name} | {pair.items} | {pair.wins} | {pair.losses} | "
-                     f"{pair.difference:+.0%} | [{pair.low:+.0%}, {pair.high:+.0%}] |")
+                     f"{_points(pair.difference)} | [{_points(pair.low)}, {_points(pair.high)}] |")
     return lines
 
 
@@ -316,6 +341,11 @@ def _item_ranges(items: Sequence[int]) -> str:
         else:
             ranges.append([item, item])
     return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in ranges)
+
+
+def _points(value: float) -> str:
+    """A difference of two shares in percentage points: 0.213 -> ``+21``."""
+    return "" if math.isnan(value) else f"{100 * value:+.0f}"
 
 
 def _seconds(value: float) -> str:

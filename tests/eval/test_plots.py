@@ -8,6 +8,7 @@ import pytest
 
 from sglang_cacheblend.eval.plots import (
     plot_gap_recovered,
+    plot_paired_kl,
     plot_quality_vs_ratio,
     plot_ttft_vs_length,
 )
@@ -45,3 +46,11 @@ def test_ttft_vs_length_with_and_without_ranges(tmp_path: Path):
     assert _is_png(out)
     with pytest.raises(ValueError, match="needs 2 values"):
         plot_ttft_vs_length({"full": [(1,)]}, tmp_path / "bad.png")
+
+
+def test_paired_kl_scatter(tmp_path: Path):
+    out = plot_paired_kl({"reuse": [(0.1, 0.05), (0.02, 0.03)], "v_deviation": [(0.08, 0.05)]},
+                         tmp_path / "paired.png", reference="default")
+    assert _is_png(out)
+    with pytest.raises(ValueError, match="positive"):
+        plot_paired_kl({"reuse": [(0.0, 0.0)]}, tmp_path / "zero.png", reference="default")
