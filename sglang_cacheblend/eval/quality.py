@@ -82,9 +82,24 @@ class QualityConfig:
     windows: tuple[int, ...] = ()  # recompute windows scored at the main ratio
     standalone_modes: bool = True  # with a chunk context: False keeps only standalone reuse
     families: tuple[str, ...] = ()  # context families (``random:N``, ``bm25:N``, ``own``)
+    skip_modes: tuple[str, ...] = ()  # mode names left out (never full or reuse)
 
 
 def modes_for(config: QualityConfig) -> list[Mode]:
+    """:func:`all_modes_for` less ``config.skip_modes``; ``ValueError`` naming a skipped name
+    that is no mode of the run, or full or reuse (every gap is measured against them)."""
+    modes = all_modes_for(config)
+    names = {mode.name for mode in modes}
+    for name in config.skip_modes:
+        if name not in names:
+            raise ValueError(f"--skip-modes: {name!r} is not a mode of this run "
+                             f"(modes: {', '.join(sorted(names))})")
+        if name in (FULL.name, REUSE.name):
+            raise ValueError(f"--skip-modes: {name!r} cannot be skipped (the gap's baseline)")
+    return [mode for mode in modes if mode.name not in config.skip_modes]
+
+
+def all_modes_for(config: QualityConfig) -> list[Mode]:
     """Full, reuse, the ratio sweep, and the selector / gradual / window variants at the main
     ratio. With a chunk context, all of those on context-conditioned chunk KV (``ctx ...``),
     and beside them standalone reuse (the gap's baseline) and, unless
@@ -396,6 +411,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "corpus passages per chunk, never the item's own), fixed:N (the "
                              "shipped context's first N paragraphs) and own (the prompt's other "
                              "passages, an upper bound)")
+    parser.add_argument("--skip-modes", nargs="*", default=[], metavar="MODE",
+                        help="modes of the run to leave out, by name (e.g. 'ctx v_deviation@0.15'"
+                             "), to fit a long run in less time; never full or reuse")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
                         help="no server: merge the quality.json of runs over disjoint items "
                              "(e.g. batches of one command) into one report in --out")
@@ -454,9 +472,11 @@ def run(args: argparse.Namespace, server_args: list[str], command: str) -> int:
         windows=tuple(args.windows),
         standalone_modes=not args.no_standalone,
         families=tuple(args.families),
+        skip_modes=tuple(args.skip_modes),
     )
     for family in config.families:
         parse_family(family)  # a bad spec fails before a server starts
+    modes_for(config)  # so does a bad --skip-modes name
     model_path = ensure_model()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     encode = encoder(tokenizer)

@@ -130,3 +130,19 @@ def test_a_merge_keeps_every_runs_provenance(tmp_path):
 class SimpleTokenizer:
     def decode(self, ids, **_):
         return " ".join(map(str, ids))
+
+
+def test_skipped_modes_are_left_out_and_a_bad_name_or_a_baseline_is_refused():
+    config = QualityConfig(ratios=(0.15,), selectors=("v_deviation",), gradual_end_layer=None,
+                           chunk_context="builtin")
+    every = [m.name for m in modes_for(config)]
+    assert "ctx v_deviation@0.15" in every
+    import dataclasses
+
+    kept = [m.name for m in modes_for(dataclasses.replace(
+        config, skip_modes=("ctx v_deviation@0.15",)))]
+    assert kept == [name for name in every if name != "ctx v_deviation@0.15"]
+    with pytest.raises(ValueError, match="'ctx nope' is not a mode of this run"):
+        modes_for(dataclasses.replace(config, skip_modes=("ctx nope",)))
+    with pytest.raises(ValueError, match="cannot be skipped"):
+        modes_for(dataclasses.replace(config, skip_modes=("reuse",)))
