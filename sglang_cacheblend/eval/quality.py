@@ -238,7 +238,8 @@ def summarize_modes(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 def write_report(out: Path, config: QualityConfig, rows: list[dict[str, Any]],
                  summary: dict[str, dict[str, float]], command: str,
                  provenance_info: Mapping[str, Any] | None = None) -> None:
-    """JSON + CSV (:mod:`.results`), a Markdown table and the two plots.
+    """JSON + CSV (:mod:`.results`), a Markdown table with the paired comparison, and the
+    plots (KL vs ratio, gap per mode, the default's KL item by item).
 
     ``provenance_info`` should be taken when the run *started* (the checkout may move while a
     run of hours goes on); None takes it now."""
@@ -311,8 +312,8 @@ def _plot_paired(rows: list[dict[str, Any]], summary: dict[str, dict[str, float]
         return False
     kl = {(row["mode"], row["item"]): float(row["kl"]) for row in rows}
     items = [row["item"] for row in rows if row["mode"] == ref]
-    others = [name for name, v in summary.items() if name not in (ref, FULL.name)
-              and v["items"] == len(items) and all((name, i) in kl for i in items)
+    others = [name for name in summary if name not in (ref, FULL.name)
+              and all((name, i) in kl for i in items)
               and (name.endswith(f"@{main_ratio:g}") or name == REUSE.name)][:4]
     pairs = {name: [(kl[name, i], kl[ref, i]) for i in items] for name in others}
     if not pairs:
