@@ -13,7 +13,7 @@ as ``bench_blended_forward.py``), after a warm-up. Operators are grouped by thei
 
 The chunk KV realignment (RoPE rotation of cached keys) happens before ``blended_prefill`` in
 this offline path; on the server it is part of the request's forward
-(``srt.layer_loader.ChunkSeeder``), so it is timed separately here and added as its own line.
+(``serving.layer_loader.ChunkSeeder``), so it is timed separately here and added as its own line.
 
 Writes ``docs/results/blend_profile.{json,md}``. Usage::
 

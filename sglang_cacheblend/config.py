@@ -16,7 +16,9 @@ the tokens without cached KV are recomputed after the check layer).
 
 Every invalid value raises ValueError naming the field (wrong types included, by design). This
 module imports neither torch nor :mod:`sglang_cacheblend.blend` (a test checks it), so option
-parsers and clients validate settings without loading the algorithm.
+parsers and clients validate settings without loading the algorithm. It is the one place that
+checks them: the server's flags and a request's overrides alike
+(:mod:`sglang_cacheblend.options` declares each setting's flag and whether a request may set it).
 """
 
 from __future__ import annotations
@@ -165,12 +167,16 @@ class BlendConfig:
         """The selection steps ``((layer, ratio), ...)``, single-check included."""
         return self.gradual or ((self.check_layer, float(self.recompute_ratio)),)
 
-    @classmethod
-    def single_check(
-        cls, recompute_ratio: float = 0.15, check_layer: int = 1, **kwargs: Any
-    ) -> BlendConfig:
-        """One selection after ``check_layer``, frozen for later layers (original, LMCache)."""
-        return cls(recompute_ratio=recompute_ratio, check_layer=check_layer, **kwargs)
+    def check_fits_model(self, num_layers: int, *, what: str) -> None:
+        """``ValueError`` naming ``what`` if a selection layer is not a layer of a
+        ``num_layers``-layer model (checked where the model is known: at launch for the
+        server's settings, in the tokenizer for a request's, never inside a forward)."""
+        last = self.schedule[-1][0]
+        if last >= num_layers:
+            raise ValueError(
+                f"{what}: selection layer {last} is not a layer of the served model "
+                f"({num_layers} layers, numbered 0..{num_layers - 1})"
+            )
 
     @classmethod
     def linear(

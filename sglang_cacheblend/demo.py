@@ -18,6 +18,7 @@ shared CPU are noisy; the benchmarks (``sglang-cacheblend bench``) measure ratio
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 import uuid
@@ -30,9 +31,10 @@ import requests
 from tqdm.auto import tqdm
 
 from sglang_cacheblend.chunks import chunk_hints, precompute_chunks
-from sglang_cacheblend.eval.dataset import encoder, load_items, rag_prompt, tokenize_prompt
+from sglang_cacheblend.dataset import encoder, load_items, rag_prompt, tokenize_prompt
 
-__all__ = ["DEMO_DATA", "DemoRow", "compare", "load_passages", "render", "run_demo"]
+__all__ = ["DEMO_DATA", "DemoRow", "add_arguments", "compare", "load_passages", "render",
+           "run_demo"]
 
 DEMO_DATA = Path(__file__).with_name("demo_passages.json")
 MAX_NEW_TOKENS = 24
@@ -184,6 +186,20 @@ The server keeps serving at {base_url} (Ctrl-C stops it). Try it:
   content = "Passages:\\n" + cb.chunk(passage_1) + cb.chunk(passage_2) + "\\nQuestion: ..."
   client.chat.completions.create(model="default", messages=[{{"role": "user", "content": content}}])
 """
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``demo`` flags; every other argument is a flag of the server it starts."""
+    add = parser.add_argument
+    add("--port", type=int, default=30123, help="port on 127.0.0.1")
+    add("--passages", type=Path, default=None,
+        help="passages: a JSON list of strings, a musique_dev-format file, or text with passages "
+             "separated by blank lines (default: a bundled item)")
+    add("--question", default=None, help="the question (default: the item's)")
+    add("--model-path", type=Path, default=None,
+        help="a Hugging Face model directory (default: the embedded SmolLM2)")
+    add("--keep-server", action="store_true",
+        help="leave the server serving afterwards and print how to call it")
 
 
 def run_demo(model_path: Path, *, port: int, extra_args: list[str],

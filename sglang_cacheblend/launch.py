@@ -2,9 +2,9 @@
 
 ``serve_argv`` turns whatever SGLang flags the user gave into a full ``sglang.launch_server``
 command line: it adds the embedded model when no ``--model-path`` is given, binds to 127.0.0.1
-unless told otherwise, and on a machine without a GPU fills the CPU-safe flags measured in
-``DESIGN.md`` (torch_native attention, no CUDA graphs, a bounded KV pool). A flag the user gave
-always wins.
+unless told otherwise, and on a machine without a GPU fills the CPU-safe flags measured on the
+2-core CPU machines (torch_native attention, no CUDA graphs, a bounded KV pool; the reason for
+each is at :data:`CPU_DEFAULTS`, and docs/usage.md lists them). A flag the user gave always wins.
 
 ``ServerProcess`` is the context manager the demo, the tests and the benchmarks share: it starts
 the server in its own process group, waits until it answers, and kills the whole group on exit.
@@ -25,8 +25,11 @@ import requests
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 30000
 
-# Measured on the 2-core CPU machines (DESIGN.md): without --mem-fraction-static the CPU memory
-# estimate can go negative, and without --max-total-tokens the pool is sized from free RAM.
+# Measured with SGLang 0.5.23 on the 2-core CPU machines: there is no CPU build of sgl-kernel, so
+# attention and sampling use SGLang's plain torch backends and CUDA graphs are off; without
+# --mem-fraction-static the CPU memory estimate can go negative (the scheduler refuses to start),
+# and without --max-total-tokens the pool is sized from free RAM. A blended prompt must not be
+# split by chunked prefill (a split one is prefilled normally), hence --chunked-prefill-size -1.
 # ``--dtype`` is chosen per CPU by :func:`cpu_dtype`. ``--sleep-on-idle``: an idle scheduler
 # otherwise polls its sockets in a busy loop, taking one of the two cores from every other
 # process (a client computing references, a benchmark's dense baseline).
@@ -98,7 +101,7 @@ def serve_argv(user_args: list[str], *, model_path: Path | None = None) -> list[
 def server_env() -> dict[str, str]:
     """Environment additions for a server ``serve`` starts: off CUDA, the plugin's rotary fix
     (needed by SGLang on this device whether or not CacheBlend is enabled)."""
-    from sglang_cacheblend.srt.server_options import NATIVE_ROTARY_ENV_VAR
+    from sglang_cacheblend.options import NATIVE_ROTARY_ENV_VAR
 
     return {} if has_cuda() else {NATIVE_ROTARY_ENV_VAR: "1"}
 

@@ -43,7 +43,7 @@ Scattered-row attention (:mod:`.attention`)
 Blended forward (:mod:`.forward`, over the interfaces of :mod:`.decoder`)
     ``blended_prefill(model, input_ids, positions, reuse_mask, cached_k, cached_v, config)``
     runs one request through a ``DecoderOps`` (:mod:`.hf_llama` adapts transformers; ``srt/``
-    adapts SGLang), its KV behind a ``KVStore``; ``DecoderDims.from_hf_config`` reads the head
+    adapts SGLang), its KV behind a ``RequestKV``; ``DecoderDims.from_hf_config`` reads the head
     counts of an HF config.
 
 Configuration lives in :class:`sglang_cacheblend.config.BlendConfig`.

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-__all__ = ["DecoderDims", "DecoderOps", "KVStore", "TensorKVStore"]
+__all__ = ["DecoderDims", "DecoderOps", "RequestKV", "TensorRequestKV"]
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class DecoderOps(Protocol):
         """Final norm and LM head: ``(n, H)`` -> ``(n, V)``, float32."""
 
 
-class KVStore(Protocol):
+class RequestKV(Protocol):
     """Where one request's per-layer K/V live: keys for positions ``0..kv_len-1`` in order.
 
     Rows index the request's *new* tokens (the ones being prefilled); a cached prefix, if any,
@@ -88,8 +88,8 @@ class KVStore(Protocol):
 
 
 @dataclass
-class TensorKVStore:
-    """``KVStore`` over ``(L, N, Hkv, D)`` tensors (the whole request is new rows)."""
+class TensorRequestKV:
+    """``RequestKV`` over ``(L, N, Hkv, D)`` tensors (the whole request is new rows)."""
 
     k: torch.Tensor
     v: torch.Tensor

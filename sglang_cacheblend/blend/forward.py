@@ -1,7 +1,7 @@
 """The blended prefill of one request, top to bottom, over any Llama-family decoder.
 
 This is CacheBlend's forward pass written once against a small interface
-(:class:`.decoder.DecoderOps`, with the request's KV behind :class:`.decoder.KVStore`), so the
+(:class:`.decoder.DecoderOps`, with the request's KV behind :class:`.decoder.RequestKV`), so the
 same loop runs over transformers' Llama modules (:mod:`.hf_llama`, the exactness and quality
 reference) and, through an adapter, over SGLang's layers. Per layer::
 
@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 
 from sglang_cacheblend.blend.attention import ScatteredAttention
-from sglang_cacheblend.blend.decoder import DecoderOps, KVStore, TensorKVStore
+from sglang_cacheblend.blend.decoder import DecoderOps, RequestKV, TensorRequestKV
 from sglang_cacheblend.blend.lookahead import suffix_lookahead
 from sglang_cacheblend.blend.plan import BlendPlan
 from sglang_cacheblend.blend.selection import SelectionInputs, Selector
@@ -79,7 +79,7 @@ def blend_layers(
     hidden: torch.Tensor,
     positions: torch.Tensor,
     reuse_mask: torch.Tensor,
-    kv: KVStore,
+    kv: RequestKV,
     config: BlendConfig,
     selector: Selector | None = None,
 ) -> BlendPlan:
@@ -134,7 +134,7 @@ def blend_layers(
 
 
 def _with_lookahead(model: DecoderOps, inputs: SelectionInputs, hidden: torch.Tensor,
-                    rows: torch.Tensor, positions: torch.Tensor, kv: KVStore, layer: int,
+                    rows: torch.Tensor, positions: torch.Tensor, kv: RequestKV, layer: int,
                     num_suffix: int, plan: BlendPlan) -> SelectionInputs:
     """``inputs`` with ``lookahead_mass``: the suffix run alone through the later layers on the
     KV as it stands (:func:`.lookahead.suffix_lookahead`); its rows are paid for in the plan."""
@@ -155,7 +155,7 @@ def _selection_inputs(
     v: torch.Tensor,
     positions: torch.Tensor,
     reuse_mask: torch.Tensor,
-    kv: KVStore,
+    kv: RequestKV,
     num_suffix: int | None,
 ) -> SelectionInputs:
     """What the selector sees at a selection layer, read before the fresh K/V are written.
@@ -211,7 +211,7 @@ def blended_prefill(
         raise ValueError(f"input_ids must be (N,), got {tuple(input_ids.shape)}")
     if cached_k.shape != shape or cached_v.shape != shape:
         raise ValueError(f"cached_k/v must be {shape}, got {tuple(cached_k.shape)}")
-    kv = TensorKVStore(cached_k.clone(), cached_v.clone())
+    kv = TensorRequestKV(cached_k.clone(), cached_v.clone())
     hidden = model.embed(input_ids)
     plan = blend_layers(model, hidden, positions, reuse_mask, kv, config, selector)
     return BlendResult(

@@ -4,8 +4,8 @@ A selection made after the check layer has to guess which reused rows matter in 
 not computed yet. On SmolLM2 the guess is what decides quality. Ranking rows by a first-order
 estimate of their effect on the continuation's KL (the gradient of the KL with respect to the
 row's KV, dotted with the row's real deviation;
-:func:`sglang_cacheblend.eval.selection_ceiling.gradient_ranking`) and recomputing the top ones
-closes far more of the KL gap than V deviation's ranking at the same budget
+:func:`sglang_cacheblend.eval.offline.selection_ceiling.gradient_ranking`) and recomputing the top
+ones closes far more of the KL gap than V deviation's ranking at the same budget
 (``docs/results/selection_ceiling.md``). On an item inspected by hand, the rows that ranking puts
 first are mostly the passage words the question is about, and their effect sits mostly in the
 second half of the layers, where layer-1 statistics (V/K deviation, question attention at
@@ -35,7 +35,7 @@ from sglang_cacheblend.blend.attention import ScatteredAttention
 from sglang_cacheblend.blend.explicit_attention import explicit_attention_blocks
 
 if TYPE_CHECKING:
-    from sglang_cacheblend.blend.decoder import DecoderOps, KVStore
+    from sglang_cacheblend.blend.decoder import DecoderOps, RequestKV
 
 __all__ = ["attention_mass", "suffix_lookahead"]
 
@@ -91,7 +91,7 @@ def suffix_lookahead(
     suffix_hidden: torch.Tensor,
     suffix_rows: torch.Tensor,
     suffix_positions: torch.Tensor,
-    kv: KVStore,
+    kv: RequestKV,
     first_layer: int,
     mass_from_layer: int = 0,
 ) -> torch.Tensor:
@@ -108,7 +108,7 @@ def suffix_lookahead(
         ``(num_suffix,)`` int64, the suffix's row indices in ``kv`` (where its K/V are written).
     suffix_positions : torch.Tensor
         ``(num_suffix,)`` int64, their absolute positions.
-    kv : KVStore
+    kv : RequestKV
         The request's KV; every row other than the suffix's holds its final or cached K/V for
         these layers.
     first_layer : int

@@ -54,7 +54,7 @@ class BlendPlan:
         Number of decoder layers; every schedule layer must be ``< num_layers``.
     selector : Selector, optional
         A rule object to use instead of ``config.selector`` (rules under study, or oracles in
-        :mod:`sglang_cacheblend.eval.selection_ceiling`, that are not in the registry).
+        :mod:`sglang_cacheblend.eval.offline.selection_ceiling`, that are not in the registry).
     """
 
     def __init__(self, config: BlendConfig, reuse_mask: torch.Tensor, num_layers: int,

@@ -5,20 +5,23 @@ defines two. :data:`ACTION_CHUNKS` marks ``[start, end)`` spans of ``input_ids``
 optional per-request blend settings); :data:`ACTION_PRECOMPUTE` asks the server to compute a
 request's one chunk standalone for the chunk index. :func:`read_client_action` is the one parser
 of what a client sent; the server replaces it by a trusted form of its own
-(``sglang_cacheblend.srt.chunk_request``), so the scheduler never parses client input. Pure
+(:mod:`sglang_cacheblend.serving.layout`), so the scheduler never parses client input. The
+per-request blend settings are the rows of :data:`sglang_cacheblend.options.REQUEST_SETTINGS`:
+their names are the payload keys, and their values are checked once, by ``BlendConfig``, when
+they are merged with the server's (:func:`sglang_cacheblend.options.effective_config`). Pure
 Python.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from sglang_cacheblend.chunks.context import CONTEXT_CHOICES, check_context_ids, check_family
 from sglang_cacheblend.chunks.spans import Span, validate_spans
-from sglang_cacheblend.config import SELECTOR_NAMES
+from sglang_cacheblend.options import REQUEST_SETTINGS, read_request_settings
 
 __all__ = [
     "ACTION_CHUNKS", "ACTION_PRECOMPUTE", "ACTION_TYPES", "ACTION_VERSION", "ClientAction",
@@ -34,33 +37,30 @@ ACTION_TYPES = (ACTION_CHUNKS, ACTION_PRECOMPUTE)
 def chunk_hints(
     spans: Iterable[Span],
     *,
-    recompute_ratio: float | None = None,
-    selector: str | None = None,
-    gradual: Sequence[tuple[int, float]] | None = None,
-    ratio_policy: str | None = None,
     chunk_context: str | None = None,
-    recompute_window: int | None = None,
     context_family: str | None = None,
     message_id: str = "cacheblend",
+    **settings: Any,
 ) -> dict[str, Any]:
     """A ``kv_hints`` envelope marking ``[start, end)`` spans of ``input_ids`` as chunks.
 
-    ``recompute_ratio``, ``selector`` and ``gradual`` (``[(layer, ratio), ...]``) override the
-    server's blend settings for this request only; ``ratio_policy="controller"`` lets the
-    server's Loading Controller pick the ratio (``"fixed"``: never); ``chunk_context="none"``
-    reuses chunk KV computed standalone even on a server with a chunk context
-    (``"server"``: the server's, the default); ``recompute_window`` recomputes reused rows in
-    contiguous runs of that many rows (``BlendConfig.recompute_window``); ``context_family``
-    reuses the chunks precomputed in that family, each after its own context
-    (:func:`precompute_hints`); a chunk the family lacks is prefilled in place, and a request
-    with none of its chunks in the family is a normal prefill.
+    ``settings`` override the server's for this request only, by the names of
+    :data:`~sglang_cacheblend.options.REQUEST_SETTINGS`: ``recompute_ratio``, ``selector``,
+    ``gradual`` (``[(layer, ratio), ...]``), ``recompute_window`` (the ``BlendConfig`` fields)
+    and ``ratio_policy`` (``"controller"`` lets the server's Loading Controller pick the ratio,
+    ``"fixed"`` never); None leaves the server's. ``chunk_context="none"`` reuses chunk KV
+    computed standalone even on a server with a chunk context (``"server"``: the server's, the
+    default); ``context_family`` reuses the chunks precomputed in that family, each after its
+    own context (:func:`precompute_hints`); a chunk the family lacks is prefilled in place, and
+    a request with none of its chunks in the family is a normal prefill.
     """
+    unknown = sorted(set(settings) - _SETTING_NAMES)
+    if unknown:
+        raise TypeError(f"chunk_hints got unknown settings {unknown}; known: "
+                        f"{sorted(_SETTING_NAMES)}")
     payload: dict[str, Any] = {"spans": [[int(s), int(e)] for s, e in spans]}
-    overrides = {"recompute_ratio": recompute_ratio, "selector": selector,
-                 "gradual": None if gradual is None else [[int(l), float(r)] for l, r in gradual],
-                 "ratio_policy": ratio_policy, "chunk_context": chunk_context,
-                 "recompute_window": recompute_window, "context_family": context_family}
-    payload.update({k: v for k, v in overrides.items() if v is not None})
+    routing = {"chunk_context": chunk_context, "context_family": context_family}
+    payload.update({k: v for k, v in {**settings, **routing}.items() if v is not None})
     return envelope(ACTION_CHUNKS, payload, message_id)
 
 
@@ -90,30 +90,29 @@ def envelope(action_type: str, payload: dict[str, Any], message_id: str) -> dict
     return {"protocol_version": "1", "message_id": message_id, "actions": [action]}
 
 
-_PAYLOAD_KEYS = frozenset({"spans", "recompute_ratio", "selector", "gradual", "ratio_policy",
-                           "chunk_context", "recompute_window", "context_family"})
+_SETTING_NAMES = frozenset(row.name for row in REQUEST_SETTINGS)
+_PAYLOAD_KEYS = frozenset({"spans", "chunk_context", "context_family"}) | _SETTING_NAMES
 _PRECOMPUTE_KEYS = frozenset({"chunk_context", "context_family", "context_ids"})
-RATIO_POLICIES = ("fixed", "controller")
+_SETS_THE_RATIO = ("recompute_ratio", "gradual")
 
 
 @dataclass(frozen=True)
 class ClientAction:
-    """What a client asked for, checked for shape and range (not yet against its prompt).
+    """What a client asked for, checked for shape (not yet against its prompt or the server).
 
     ``precompute``: compute the request's single chunk standalone for the chunk index;
     otherwise ``spans`` (possibly empty, when the chunks are marked in the text instead) are the
-    chunks to look up. The other fields override the server's blend settings (None: the
-    server's).
+    chunks to look up. ``settings`` are the request's own settings (the rows of
+    :data:`~sglang_cacheblend.options.REQUEST_SETTINGS` it gave, read-only; absent: the
+    server's), merged with the server's by :func:`sglang_cacheblend.options.effective_config`,
+    which checks them. ``chunk_context``, ``context_family`` and ``context_ids`` say which
+    chunk KV the request means.
     """
 
     precompute: bool
     spans: tuple[Span, ...] = ()
-    recompute_ratio: float | None = None
-    selector: str | None = None
-    gradual: tuple[tuple[int, float], ...] | None = None
-    ratio_policy: str | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
     chunk_context: str | None = None
-    recompute_window: int | None = None
     context_family: str | None = None
     context_ids: tuple[int, ...] | None = None
 
@@ -121,28 +120,18 @@ class ClientAction:
         object.__setattr__(self, "spans", validate_spans(self.spans, _max_end(self.spans)))
         if self.precompute and self.spans:
             raise ValueError("a precompute action takes no spans: its prompt is the one chunk")
-        ratio = self.recompute_ratio
-        if ratio is not None and not _is_unit_number(ratio):
-            raise ValueError(f"recompute_ratio must be a number in [0, 1], got {ratio!r}")
-        if self.selector is not None and (
-            not isinstance(self.selector, str) or self.selector not in SELECTOR_NAMES
-        ):
-            raise ValueError(
-                f"selector must be one of {sorted(SELECTOR_NAMES)}, got {self.selector!r}"
-            )
-        if self.gradual is not None:
-            object.__setattr__(self, "gradual", _gradual_steps(self.gradual))
-        if self.ratio_policy is not None and self.ratio_policy not in RATIO_POLICIES:
-            raise ValueError(f"ratio_policy must be one of {list(RATIO_POLICIES)}, got "
-                             f"{self.ratio_policy!r}")
-        if self.ratio_policy == "controller" and (
-                self.recompute_ratio is not None or self.gradual is not None):
+        unknown = sorted(set(self.settings) - _SETTING_NAMES)
+        if unknown:
+            raise ValueError(f"unknown settings {unknown}; known: {sorted(_SETTING_NAMES)}")
+        settings = read_request_settings(self.settings)
+        object.__setattr__(self, "settings", MappingProxyType(settings))
+        if self.precompute and settings:
+            raise ValueError("a precompute action takes no blend settings: its chunk's KV is "
+                             "computed in full")
+        if settings.get("ratio_policy") == "controller" and any(
+                name in settings for name in _SETS_THE_RATIO):
             raise ValueError("ratio_policy 'controller' picks the ratio: give no "
                              "recompute_ratio or gradual with it")
-        window = self.recompute_window
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int)
-                                   or not 1 <= window <= 4096):
-            raise ValueError(f"recompute_window must be an integer in [1, 4096], got {window!r}")
         if self.chunk_context is not None and self.chunk_context not in CONTEXT_CHOICES:
             raise ValueError(f"chunk_context must be one of {list(CONTEXT_CHOICES)}, got "
                              f"{self.chunk_context!r}")
@@ -165,12 +154,6 @@ class ClientAction:
         elif self.context_ids is not None:
             raise ValueError("context_ids belong to precompute requests; a blended request "
                              "names the context_family only")
-
-    @property
-    def overrides_blend(self) -> bool:
-        """Whether the request sets any blend setting of its own."""
-        return any(v is not None for v in (self.recompute_ratio, self.selector, self.gradual,
-                                           self.recompute_window))
 
 
 def read_client_action(actions: Iterable[tuple[str, str, Any]]) -> ClientAction | None:
@@ -204,29 +187,9 @@ def read_client_action(actions: Iterable[tuple[str, str, Any]]) -> ClientAction 
     spans = payload["spans"]
     if not isinstance(spans, (list, tuple)):  # ClientAction checks each span
         raise ValueError(f"chunk spans must be a list of [start, end] pairs, got {spans!r}")
-    return ClientAction(False, tuple(spans), payload.get("recompute_ratio"),
-                        payload.get("selector"), payload.get("gradual"),
-                        payload.get("ratio_policy"), payload.get("chunk_context"),
-                        payload.get("recompute_window"), payload.get("context_family"))
-
-
-def _is_unit_number(value: Any) -> bool:
-    return (not isinstance(value, bool) and isinstance(value, (int, float))
-            and math.isfinite(value) and 0 <= value <= 1)
-
-
-def _gradual_steps(steps: Any) -> tuple[tuple[int, float], ...]:
-    """``[[layer, ratio], ...]`` as int/float pairs; ordering rules are ``BlendConfig``'s."""
-    if not isinstance(steps, (list, tuple)):
-        raise ValueError(f"gradual must be a list of [layer, ratio] pairs, got {steps!r}")
-    out = []
-    for step in steps:
-        if (not isinstance(step, (list, tuple)) or len(step) != 2
-                or isinstance(step[0], bool) or not isinstance(step[0], int)
-                or not _is_unit_number(step[1])):
-            raise ValueError(f"gradual steps must be [layer, ratio in [0, 1]] pairs, got {step!r}")
-        out.append((int(step[0]), float(step[1])))
-    return tuple(out)
+    settings = {k: v for k, v in payload.items() if k in _SETTING_NAMES}
+    return ClientAction(False, tuple(spans), settings, chunk_context=payload.get("chunk_context"),
+                        context_family=payload.get("context_family"))
 
 
 def _max_end(spans: Any) -> int:

@@ -37,7 +37,7 @@ from typing import Any
 
 import requests
 
-from sglang_cacheblend.eval.dataset import DEFAULT_DATA_PATH, load_items, rag_prompt
+from sglang_cacheblend.dataset import DEFAULT_DATA_PATH, load_items, rag_prompt
 
 __all__ = ["SoakConfig", "SoakReport", "add_arguments", "run", "run_soak"]
 
@@ -312,5 +312,6 @@ def run(args: argparse.Namespace, server_args: list[str]) -> SoakReport:
             report = run_soak(server.base_url, config)
             report.server_deaths += not server.is_running()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({**asdict(report), "ok": report.ok}, indent=2) + "\n")
+    record = {"command_line": args.command_line, **asdict(report), "ok": report.ok}
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
     return report

@@ -8,9 +8,9 @@ package imports neither torch nor SGLang.
 
 from sglang_cacheblend.ingest.batches import IngestSummary, plan_ingest, precompute_batches
 from sglang_cacheblend.ingest.corpus import Chunk, Codec, Document, SplitConfig, read_documents
-from sglang_cacheblend.ingest.state import IngestState, chunk_key
+from sglang_cacheblend.ingest.state import IngestState, ingest_key
 
 __all__ = [
-    "Chunk", "Codec", "Document", "IngestState", "IngestSummary", "SplitConfig", "chunk_key",
+    "Chunk", "Codec", "Document", "IngestState", "IngestSummary", "SplitConfig", "ingest_key",
     "plan_ingest", "precompute_batches", "read_documents",
 ]

@@ -1,6 +1,6 @@
 """What an ingest does, server aside: plan the chunks, precompute them in batches, sum it up.
 
-:func:`plan_ingest` splits the documents, keys every chunk (:func:`.state.chunk_key`) and drops
+:func:`plan_ingest` splits the documents, keys every chunk (:func:`.state.ingest_key`) and drops
 repeats; :func:`precompute_batches` sends what the state file does not hold yet, batch by batch,
 through a ``precompute(chunks)`` callable, and records each finished batch before the next one
 goes out. Ctrl-C or an error (the server died, answered 400...) stops the loop with the batches
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from sglang_cacheblend.ingest.corpus import Chunk, Codec, Document, SplitConfig, split_document
-from sglang_cacheblend.ingest.state import IngestState, StateRecord, chunk_key
+from sglang_cacheblend.ingest.state import IngestState, StateRecord, ingest_key
 
 __all__ = ["BatchResult", "IngestPlan", "IngestSummary", "plan_ingest", "precompute_batches"]
 
@@ -44,7 +44,10 @@ class IngestPlan:
 
 def plan_ingest(docs: Sequence[Document], codec: Codec, split: SplitConfig, *, model: str,
                 cache_salt: str | None = None, extra_key: str | None = None,
-                family: str | None = None) -> IngestPlan:
+                chunk_context: str = "", family: str | None = None) -> IngestPlan:
+    """The unique chunks of ``docs``, each keyed by :func:`.state.ingest_key` with the other
+    arguments (``chunk_context``: the server's context text; ``family``: the context family
+    that replaces it)."""
     chunks: list[Chunk] = []
     keys: list[str] = []
     seen: set[str] = set()
@@ -55,8 +58,8 @@ def plan_ingest(docs: Sequence[Document], codec: Codec, split: SplitConfig, *, m
         if not pieces:
             dropped.append(doc.doc_id)
         for piece in pieces:
-            key = chunk_key(piece.text, model=model, cache_salt=cache_salt, extra_key=extra_key,
-                            family=family)
+            key = ingest_key(piece.text, model=model, cache_salt=cache_salt,
+                             extra_key=extra_key, chunk_context=chunk_context, family=family)
             if key in seen:
                 duplicates += 1
                 continue

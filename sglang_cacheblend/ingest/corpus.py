@@ -156,7 +156,7 @@ def _read_folder(path: Path) -> list[Document]:
 
 
 def _read_musique(path: Path) -> list[Document]:
-    from sglang_cacheblend.eval.dataset import load_items
+    from sglang_cacheblend.dataset import load_items
 
     return [Document(f"{item.index}.{j}", passage)
             for item in load_items(path) for j, passage in enumerate(item.passages)]

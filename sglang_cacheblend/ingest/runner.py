@@ -16,9 +16,15 @@ for it). Without such a tier the KV lives only as long as that server (``--keep-
 it serving).
 
 Resumable: ``--state`` (default ``<input>.ingest-state.jsonl``) records every finished batch; a
-rerun skips the chunks it holds, keyed by (text, model, cache_salt, extra_key), so Ctrl-C or a
-server death loses at most the batch in flight. A server started here without a persistent tier
-holds none of an earlier run's chunks, so then nothing is skipped.
+rerun skips the chunks it holds, keyed by (text, model, cache_salt, extra_key, and the server's
+chunk context or the context family), so Ctrl-C or a server death loses at most the batch in
+flight. A server started here without a persistent tier holds none of an earlier run's chunks,
+so then nothing is skipped.
+
+What the server does with a chunk is read from its options, never assumed: a running server's
+from its ``/server_info``, the one started here's from its flags, parsed by the server's own
+flag table (:mod:`sglang_cacheblend.options`). A precomputed chunk's prompt is the sink, the
+context it is computed after (the server's chunk context, or its own in a family) and the chunk.
 """
 
 from __future__ import annotations
@@ -45,13 +51,11 @@ from sglang_cacheblend.ingest.neighbours import (
     parse_family,
 )
 from sglang_cacheblend.ingest.state import IngestState, default_state_path
+from sglang_cacheblend.options import ENABLE_FLAG, ServerOptions, parse_server_flags
 
-__all__ = ["PERSISTENT_TIER_FLAGS", "add_arguments", "persistent_tier", "run"]
+__all__ = ["add_arguments", "keeps_chunks", "run", "summary_exit_code"]
 
 DEFAULT_PORT = 30125
-DEFAULT_MIN_CHUNK_TOKENS = 16  # the server's --cacheblend-min-chunk-tokens default
-MIN_CHUNK_FLAG = "--cacheblend-min-chunk-tokens"
-PERSISTENT_TIER_FLAGS = ("--cacheblend-disk-tier-dir", "--cacheblend-mooncake-master")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,19 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-progress", action="store_true", help="no progress bars")
 
 
-def _flag_value(argv: list[str], flag: str) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.partition("=")[2]
-    return None
-
-
-def persistent_tier(server_args: list[str]) -> bool:
-    """Whether the server flags name a tier that keeps chunk KV beyond the server's life."""
-    return any(arg == flag or arg.startswith(flag + "=")
-               for arg in server_args for flag in PERSISTENT_TIER_FLAGS)
+def keeps_chunks(options: ServerOptions) -> bool:
+    """Whether a server with ``options`` has a tier that keeps chunk KV beyond its life."""
+    return options.store.disk_dir is not None or options.store.mooncake_master is not None
 
 
 def _model_identity(model_path: str | Path) -> str:
@@ -114,6 +108,7 @@ class _Target:
     model_path: str  # what the server serves
     tokenizer_path: str
     min_chunk_tokens: int
+    chunk_context: str  # the text the server computes chunk KV after ("": the sink only)
     keeps_earlier_chunks: bool  # may it hold what an earlier run precomputed?
 
 
@@ -126,28 +121,27 @@ def _running_server(url: str, model_path: Path | None) -> _Target:
         raise ValueError(f"{url} runs without CacheBlend (start it with --enable-cacheblend)")
     served = requests.get(url + "/model_info", timeout=60).json()
     tokenizer = model_path or served.get("tokenizer_path") or served["model_path"]
-    return _Target(served["model_path"], str(tokenizer), int(state["min_chunk_tokens"]), True)
+    return _Target(served["model_path"], str(tokenizer), int(state["min_chunk_tokens"]),
+                   str(state["chunk_context"]), True)
 
 
 def _own_server(args: argparse.Namespace, server_args: list[str]) -> _Target:
     from sglang_cacheblend.embedded_model import ensure_model
 
-    given = _flag_value(server_args, "--model-path")
-    model_path = given or str(args.model_path or ensure_model(getattr(args, "cache_dir", None)))
-    minimum = _flag_value(server_args, MIN_CHUNK_FLAG)
-    return _Target(model_path, model_path,
-                   int(minimum) if minimum else DEFAULT_MIN_CHUNK_TOKENS,
-                   persistent_tier(server_args))
+    model_path = str(args.model_path or ensure_model(getattr(args, "cache_dir", None)))
+    options = parse_server_flags(server_args)
+    return _Target(model_path, model_path, options.min_chunk_tokens, options.chunk_context,
+                   keeps_chunks(options))
 
 
 @dataclass(frozen=True)
 class _Tokenizer:
     codec: Codec
-    sink_len: int  # tokens the server puts before a chunk it precomputes
-    max_chunk_tokens: int | None  # the model's context less the sink (None: unknown)
+    prefix_len: int  # tokens the server puts before a chunk: the sink and its chunk context
+    max_chunk_tokens: int | None  # the model's context less that prefix (None: unknown)
 
 
-def _tokenizer(tokenizer_path: str) -> _Tokenizer:
+def _tokenizer(tokenizer_path: str, chunk_context: str) -> _Tokenizer:
     from transformers import AutoTokenizer
 
     from sglang_cacheblend.chunks import sink_ids
@@ -158,12 +152,15 @@ def _tokenizer(tokenizer_path: str) -> _Tokenizer:
         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False,
                                             clean_up_tokenization_spaces=False),
     )
-    sink_len = len(sink_ids(tokenizer.bos_token_id, codec.encode))
+    # As the server tokenizes them: the sink, then the context on its own (no special tokens).
+    prefix_len = (len(sink_ids(tokenizer.bos_token_id, codec.encode))
+                  + (len(codec.encode(chunk_context)) if chunk_context else 0))
     config = Path(tokenizer_path) / "config.json"
-    context = None
+    context_len = None
     if config.exists():
-        context = json.loads(config.read_text()).get("max_position_embeddings")
-    return _Tokenizer(codec, sink_len, None if context is None else int(context) - sink_len)
+        context_len = json.loads(config.read_text()).get("max_position_embeddings")
+    return _Tokenizer(codec, prefix_len,
+                      None if context_len is None else int(context_len) - prefix_len)
 
 
 def _chunk_evictions(url: str) -> int | None:
@@ -203,7 +200,7 @@ class _Job:
     plan: IngestPlan
     pending: list[tuple[str, Chunk]]
     state: IngestState
-    sink_len: int
+    prefix_len: int  # the sink and the server's chunk context, before every chunk
     started: float  # time.perf_counter() at the start of the run
     contexts: _Contexts | None = None  # with --context-family
 
@@ -230,14 +227,15 @@ def run(args: argparse.Namespace, server_args: list[str]) -> IngestSummary:
     docs = read_documents(args.input, text_field=args.text_field)
     url = args.url.rstrip("/") if args.url else None
     target = _running_server(url, args.model_path) if url else _own_server(args, server_args)
-    tokenizer = _tokenizer(target.tokenizer_path)
+    family: FamilySpec | None = args.context_family
+    chunk_context = "" if family else target.chunk_context  # a family replaces the server's
+    tokenizer = _tokenizer(target.tokenizer_path, chunk_context)
     split = SplitConfig(args.split, max_tokens=args.max_tokens, window=args.window,
                         min_tokens=target.min_chunk_tokens,
                         max_chunk_tokens=tokenizer.max_chunk_tokens)
-    family: FamilySpec | None = args.context_family
     plan = plan_ingest(docs, tokenizer.codec, split, model=_model_identity(target.model_path),
                        cache_salt=args.cache_salt, extra_key=args.extra_key,
-                       family=family.name if family else None)
+                       chunk_context=chunk_context, family=family.name if family else None)
     if args.chunks_out:
         _write_chunks(args.chunks_out, plan)
     state_path = args.state or default_state_path(args.input)
@@ -252,7 +250,7 @@ def run(args: argparse.Namespace, server_args: list[str]) -> IngestSummary:
             done = [False] * len(done)
         pending = [(k, c) for k, c, d in zip(plan.keys, plan.chunks, done) if not d]
         contexts = None if family is None else _Contexts(family, plan, tokenizer.codec)
-        job = _Job(args, plan, pending, state, tokenizer.sink_len, started, contexts)
+        job = _Job(args, plan, pending, state, tokenizer.prefix_len, started, contexts)
         if url or (not pending and not args.keep_server):
             return _ingest(job, url)
         return _ingest_own_server(job, server_args, target)
@@ -268,8 +266,7 @@ def _ingest_own_server(job: _Job, server_args: list[str], target: _Target) -> In
               + (" (--keep-server: until you stop it)" if args.keep_server
                  else ", which stops when ingest ends (--keep-server leaves it serving)"),
               flush=True)
-    flags = server_args if "--enable-cacheblend" in server_args else [
-        "--enable-cacheblend", *server_args]
+    flags = server_args if ENABLE_FLAG in server_args else [ENABLE_FLAG, *server_args]
     log_path = Path(tempfile.gettempdir()) / "sglang-cacheblend-ingest-server.log"
     print(f"starting SGLang with CacheBlend: {target.model_path} on 127.0.0.1:{args.port} "
           f"(log: {log_path})", flush=True)
@@ -301,8 +298,8 @@ def _ingest(job: _Job, url: str | None) -> IngestSummary:
             contexts=contexts, timeout=args.timeout)
         if not isinstance(outputs, list) or len(outputs) != len(batch):
             raise RuntimeError(f"the server answered {len(batch)} precomputes with {outputs!r}")
-        _check_tokenized_alike(batch, outputs, job.sink_len,
-                               [len(c) for c in contexts] if contexts else None)
+        _check_tokenized_alike(batch, outputs, [job.prefix_len + len(c) for c in contexts]
+                               if contexts else [job.prefix_len] * len(batch))
         wait_for_store_writes(url, timeout_s=args.timeout)
 
     evictions_before = _chunk_evictions(url) if url and job.pending else None
@@ -322,19 +319,17 @@ def _ingest(job: _Job, url: str | None) -> IngestSummary:
     return summary
 
 
-def _check_tokenized_alike(batch: list[Chunk], outputs: list, sink_len: int,
-                           context_lens: list[int] | None = None) -> None:
-    """``RuntimeError`` unless the server tokenized every chunk into the ids counted here (its
-    ``prompt_tokens`` is the sink, the chunk's own context if any, and the chunk): another
-    tokenizer would cut other windows."""
-    for i, (c, output) in enumerate(zip(batch, outputs)):
+def _check_tokenized_alike(batch: list[Chunk], outputs: list, prefix_lens: list[int]) -> None:
+    """``RuntimeError`` unless the server tokenized every chunk into the ids counted here: its
+    ``prompt_tokens`` for chunk ``i`` is ``prefix_lens[i]`` (the sink and the context the chunk
+    is computed after) and the chunk. Another tokenizer would cut other windows."""
+    for c, output, prefix_len in zip(batch, outputs, prefix_lens):
         served = (output.get("meta_info") or {}).get("prompt_tokens")
-        if served is not None and context_lens is not None:
-            served -= context_lens[i]
-        if served is not None and served != sink_len + c.num_tokens:
+        if served is not None and served != prefix_len + c.num_tokens:
             raise RuntimeError(
-                f"the server tokenized chunk {c.index} of {c.doc_id!r} into {served - sink_len} "
-                f"tokens, ingest into {c.num_tokens}: pass the server's tokenizer as --model-path")
+                f"the server tokenized chunk {c.index} of {c.doc_id!r} into "
+                f"{served - prefix_len} tokens, ingest into {c.num_tokens}: pass the server's "
+                "tokenizer as --model-path")
 
 
 def summary_exit_code(summary: IngestSummary) -> int:

@@ -2,8 +2,9 @@
 
 A JSONL file: a header line, then one record per precomputed chunk, appended, flushed and
 fsynced after each finished batch, so an interruption loses at most the batch in flight. A
-record is keyed by :func:`chunk_key`, a digest of everything that decides which KV the server
-stores for a chunk text: the text, the model, ``cache_salt`` and ``extra_key``.
+record is keyed by :func:`ingest_key`, a digest of everything that decides which KV the server
+stores for a chunk text: the text, the model, ``cache_salt``, ``extra_key``, and what the chunk
+was computed after (the server's chunk context, or the context family that replaces it).
 
 A last line cut off mid-write (no valid JSON) is dropped when the file is opened, and cut from
 the file before anything is appended. Any other damaged line, or a file that does not open with
@@ -20,16 +21,25 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["HEADER", "IngestState", "StateRecord", "chunk_key", "default_state_path"]
+__all__ = ["HEADER", "IngestState", "StateRecord", "default_state_path", "ingest_key"]
 
 HEADER = json.dumps({"format": "sglang-cacheblend-ingest-state", "version": 1})
 
 
-def chunk_key(text: str, *, model: str, cache_salt: str | None = None,
-              extra_key: str | None = None, family: str | None = None) -> str:
-    """A stable digest of (chunk text, model identity, cache_salt, extra_key, and the context
-    family if any: the same text in a family is other KV)."""
-    fields = [model, cache_salt, extra_key, text, *([family] if family else [])]
+def ingest_key(text: str, *, model: str, cache_salt: str | None = None,
+               extra_key: str | None = None, chunk_context: str = "",
+               family: str | None = None) -> str:
+    """A stable digest of (chunk text, model identity, cache_salt, extra_key, and what the
+    chunk's KV is computed after): the context ``family`` if any, else the server's
+    ``chunk_context`` text if any. The same text after another context is other KV, which a
+    server with that other context does not hold. Without either, the key is the one state
+    files written before contexts existed hold."""
+    fields: list = [model, cache_salt, extra_key, text]
+    if family:
+        fields.append(family)
+    elif chunk_context:
+        digest = hashlib.blake2b(chunk_context.encode("utf-8"), digest_size=16).hexdigest()
+        fields.append(["chunk_context", digest])  # a list: never equal to a family's name
     raw = json.dumps(fields, ensure_ascii=False)
     return hashlib.blake2b(raw.encode("utf-8"), digest_size=16).hexdigest()
 

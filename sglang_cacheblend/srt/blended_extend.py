@@ -12,12 +12,13 @@ SGLang's stock forward unchanged; an extend batch holding a blended request runs
    (:mod:`.layer_loader`);
 3. :func:`sglang_cacheblend.blend.forward.blend_layers` on SGLang's own modules and KV pool;
 
-then SGLang's logits processor, so sampling and decode are untouched. Right after, the cache's
-admission is told (``finish_forward``): the chunk locks are released, since the request's own
-slots now hold the KV, and no later forward of the request blends again. A blend that raises
-is logged and that request is prefilled in full in the same forward (reported as not
-blended): no request's error reaches the scheduler loop. Each chunked request's
-accounting (the cache's decision plus rows recomputed and time) rides back in
+then SGLang's logits processor, so sampling and decode are untouched. Right after, each blended
+request's :class:`~sglang_cacheblend.serving.blend_request.BlendOutcome` goes to the cache's
+admission (``finish``): the chunks it computed or loaded enter the index, the chunk locks are
+released, since the request's own slots now hold the KV, and no later forward of the request
+blends again. A blend that raises is logged and that request is prefilled in full in the same
+forward (reported as not blended): no request's error reaches the scheduler loop. Each chunked
+request's accounting (the cache's decision plus rows recomputed and time) rides back in
 ``LogitsProcessorOutput.customized_info``, which SGLang returns as ``meta_info["cacheblend"]``.
 """
 
@@ -34,10 +35,15 @@ from sglang.srt.model_executor.forward_context import get_req_to_token_pool, get
 from sglang_cacheblend.blend.forward import blend_layers
 from sglang_cacheblend.blend.rotary_config import RotaryConfig
 from sglang_cacheblend.config import BlendConfig
-from sglang_cacheblend.srt.blend_request import BlendRequest, BlendRequestSource, ChunkHit
-from sglang_cacheblend.srt.layer_loader import ChunkSeeder, LayerPipeline, LoadTimes
-from sglang_cacheblend.srt.pool_kv_store import PoolKVStore
-from sglang_cacheblend.srt.server_options import current_options
+from sglang_cacheblend.options import current_options
+from sglang_cacheblend.serving.blend_request import (
+    BlendOutcome,
+    BlendRequest,
+    BlendSource,
+    ChunkHit,
+)
+from sglang_cacheblend.serving.layer_loader import ChunkSeeder, LayerPipeline, LoadTimes
+from sglang_cacheblend.srt.pool_request_kv import PoolRequestKV
 from sglang_cacheblend.srt.sglang_decoder import SGLangDecoderOps
 
 logger = logging.getLogger(__name__)
@@ -55,9 +61,9 @@ _FULL = BlendConfig(recompute_ratio=1.0, check_layer=0)
 class BlendedExtendMixin:
     """Adds ``attach_blend_source`` and the blended extend to an SGLang Llama-family model."""
 
-    _blend_source: BlendRequestSource | None = None
+    _blend_source: BlendSource | None = None
 
-    def attach_blend_source(self, source: BlendRequestSource) -> None:
+    def attach_blend_source(self, source: BlendSource) -> None:
         """Called by the ``cacheblend`` radix cache factory once both exist (same scheduler
         process): the model asks the cache's admission for each request's blend."""
         self._blend_source = source
@@ -76,7 +82,7 @@ class BlendedExtendMixin:
                                    get_embedding, pp_proxy_tensors)
         rids = list(forward_batch.rids)
         requests = [source.blend_request(rid) for rid in rids]
-        outcomes: dict[str, str] = {}
+        outcomes: dict[str, BlendOutcome] = {}
         if any(requests) and input_embeds is None and not get_embedding:
             hidden, stats, outcomes = self._blended_extend(input_ids, positions, forward_batch,
                                                            requests)
@@ -87,8 +93,8 @@ class BlendedExtendMixin:
             stats = {}
         for rid, request in zip(rids, requests):
             if request is not None:
-                reason = outcomes.get(rid, "the batch took SGLang's own forward (embeddings)")
-                source.finish_forward(rid, blended=not reason, reason=reason)
+                source.finish(rid, outcomes.get(rid) or BlendOutcome.not_blended(
+                    "the batch took SGLang's own forward (embeddings)"))
         self._report(output, rids, stats)
         return output
 
@@ -107,49 +113,49 @@ class BlendedExtendMixin:
     def _blended_extend(
         self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: Any,
         requests: list[BlendRequest | None],
-    ) -> tuple[torch.Tensor, dict[str, dict[str, Any]], dict[str, str]]:
+    ) -> tuple[torch.Tensor, dict[str, dict[str, Any]], dict[str, BlendOutcome]]:
         """Prefill each request of the batch in turn.
 
-        Returns the final-normed hidden states, per-request stats, and per blended request why
-        it was not blended after all ("" when it was). A blend that raises is logged and that
-        request is prefilled in full instead: one request's error never reaches the scheduler.
+        Returns the final-normed hidden states, per-request stats, and each blended request's
+        outcome. A blend that raises is logged and that request is prefilled in full instead:
+        one request's error never reaches the scheduler.
         """
         ops = self._blend_ops
         pool = get_token_to_kv_pool()
         req_to_token = get_req_to_token_pool().req_to_token
         hidden = ops.embed(input_ids)
         stats: dict[str, dict[str, Any]] = {}
-        outcomes: dict[str, str] = {}
+        outcomes: dict[str, BlendOutcome] = {}
         offset = 0
         for i, request in enumerate(requests):
             rid = forward_batch.rids[i]
             prefix_len = forward_batch.extend_prefix_lens_cpu[i]
             extend_len = forward_batch.extend_seq_lens_cpu[i]
             if request is not None and request.prompt_len not in (None, prefix_len + extend_len):
-                outcomes[rid] = "the extend does not end at the prompt's end: prefilled in full"
+                outcomes[rid] = BlendOutcome.not_blended(
+                    "the extend does not end at the prompt's end: prefilled in full")
                 request = None
             row = int(forward_batch.req_pool_indices_cpu[i])
             slots = req_to_token[row, : prefix_len + extend_len].to(torch.int64)
-            store = PoolKVStore(pool, ops, slots, prefix_len)
+            kv = PoolRequestKV(pool, ops, slots, prefix_len)
             span = slice(offset, offset + extend_len)
             started = time.perf_counter()
             times = LoadTimes()  # a request that does not blend loads nothing
             if request is not None:
                 try:
-                    plan, standalone_s, times = self._blend_one(rid, request, hidden[span],
-                                                                positions[span], store)
-                    outcomes[rid] = ""
+                    plan, standalone_s, times, outcomes[rid] = self._blend_one(
+                        request, hidden[span], positions[span], kv)
                 except Exception as exc:  # noqa: BLE001 - never into the scheduler loop
                     logger.exception("request %s: blended prefill failed; prefilling in full", rid)
-                    outcomes[rid] = (f"blended prefill failed ({type(exc).__name__}): "
-                                     "prefilled in full")
+                    outcomes[rid] = BlendOutcome.not_blended(
+                        f"blended prefill failed ({type(exc).__name__}): prefilled in full")
                     request = None
                     times = LoadTimes()
                     hidden[span] = ops.embed(input_ids[span])
             if request is None:
                 standalone_s = 0.0
                 plan = blend_layers(ops, hidden[span], positions[span],
-                                    torch.zeros(extend_len, dtype=torch.bool), store, _FULL)
+                                    torch.zeros(extend_len, dtype=torch.bool), kv, _FULL)
             stats[rid] = {
                 "load_s": round(times.load_s, 6),
                 "load_wait_s": round(times.wait_s, 6),
@@ -163,42 +169,40 @@ class BlendedExtendMixin:
         self.last_blend_stats = stats
         return self.model.norm(hidden), stats, outcomes
 
-    def _blend_one(self, rid: str, request: BlendRequest, hidden: torch.Tensor,
-                   positions: torch.Tensor, store: PoolKVStore) -> tuple[Any, float, LoadTimes]:
+    def _blend_one(self, request: BlendRequest, hidden: torch.Tensor, positions: torch.Tensor,
+                   kv: PoolRequestKV) -> tuple[Any, float, LoadTimes, BlendOutcome]:
         """Misses computed standalone, every chunk's KV seeded layer by layer (behind the
-        compute when pipelined), the blended layers run, the new chunks handed to the index.
+        compute when pipelined), the blended layers run.
 
-        Returns the plan, the seconds of standalone compute and the pipeline's load times."""
+        Returns the plan, the seconds of standalone compute, the pipeline's load times and the
+        outcome that hands the new chunk KV to the index (admission takes it after the batch:
+        by then this request has copied it into its own slots)."""
         started = time.perf_counter()
         computed = self._compute_misses(request)
         standalone_s = time.perf_counter() - started
-        seeder = ChunkSeeder(store.pool, store.slots, store.prefix_len,
+        seeder = ChunkSeeder(kv.pool, kv.slots, kv.prefix_len,
                              [*request.hits, *computed], request.loads, self._blend_rotary)
         reuse_mask = seeder.reuse_mask
         reuse_mask[-1] = False  # the last row's logits feed sampling: always computed
         config = request.config if bool(reuse_mask.any()) else _FULL
         blend_started = time.perf_counter()
         pipeline = LayerPipeline(seeder, self._blend_ops.num_layers,
-                                 pipelined=self._blend_pipelined and not store.slots.is_cuda)
-        store.ready = pipeline.wait
+                                 pipelined=self._blend_pipelined and not kv.slots.is_cuda)
+        kv.ready = pipeline.wait
         try:
-            plan = blend_layers(self._blend_ops, hidden, positions, reuse_mask, store, config)
+            plan = blend_layers(self._blend_ops, hidden, positions, reuse_mask, kv, config)
         finally:
             pipeline.close()
-            store.ready = None
+            kv.ready = None
         blend_s = time.perf_counter() - blend_started
-        # Now copied into this request's slots: the index may own (or free) them.
-        if request.context is not None and not request.context.ready:
-            self._blend_source.store_context(rid, request.context)
-        for miss in request.misses:
-            self._blend_source.store_computed_chunk(rid, miss)
-        for load in request.loads:
-            self._blend_source.store_loaded_chunk(rid, load)
         times = pipeline.times
-        self._blend_source.record_load(
-            rid, tokens=int(reuse_mask.sum()), load_s=times.load_s,
+        context = request.context
+        outcome = BlendOutcome(
+            context=context if context is not None and not context.ready else None,
+            computed=request.misses, loaded=request.loads,
+            seeded_tokens=int(reuse_mask.sum()), load_s=times.load_s,
             compute_s=max(blend_s - times.wait_s, 0.0), computed_rows=plan.recomputed_rows)
-        return plan, standalone_s, times
+        return plan, standalone_s, times, outcome
 
     def _compute_misses(self, request: BlendRequest) -> list[ChunkHit]:
         """Compute each missed chunk into its fresh slots: standalone after the sink, or after
@@ -228,7 +232,7 @@ class BlendedExtendMixin:
         prefix = torch.empty(0, dtype=torch.int64) if after is None else after.to(torch.int64)
         all_slots = torch.cat([prefix.to(slots.device), slots.to(torch.int64)])
         device = all_slots.device
-        store = PoolKVStore(get_token_to_kv_pool(), ops, all_slots, prefix.numel())
+        kv = PoolRequestKV(get_token_to_kv_pool(), ops, all_slots, prefix.numel())
         positions = torch.arange(prefix.numel(), prefix.numel() + ids.numel(), device=device)
         blend_layers(ops, ops.embed(ids.to(device)), positions,
-                     torch.zeros(ids.numel(), dtype=torch.bool), store, _FULL)
+                     torch.zeros(ids.numel(), dtype=torch.bool), kv, _FULL)

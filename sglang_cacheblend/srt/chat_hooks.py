@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sglang_cacheblend.chunks import chunk_hints, contains_markers, split_chunks, tokenize_segments
-from sglang_cacheblend.srt.server_options import current_options
+from sglang_cacheblend.options import current_options
 from sglang_cacheblend.srt.tokenizer_hooks import ChunkTokenizer
 
 __all__ = ["convert_chat_with_chunks", "render_chat_with_markers"]

@@ -5,7 +5,7 @@ that is not installed), although ``forward`` then dispatches to ``forward_native
 AROUND hook here satisfies that one import for the duration of ``__init__`` with a stand-in
 that raises if called, and puts the module back on its native torch path. Active only where
 asked for: with ``--enable-cacheblend``, or under ``sglang-cacheblend serve`` on CPU
-(:data:`~.server_options.NATIVE_ROTARY_ENV_VAR`); an installed vLLM is never shadowed.
+(:data:`~sglang_cacheblend.options.NATIVE_ROTARY_ENV_VAR`); an installed vLLM is never shadowed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from sglang_cacheblend.srt.server_options import NATIVE_ROTARY_ENV_VAR, current_options
+from sglang_cacheblend.options import NATIVE_ROTARY_ENV_VAR, current_options
 
 __all__ = ["native_rotary_init"]
 

@@ -19,8 +19,8 @@ import pkgutil
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from sglang_cacheblend.srt import chat_hooks, cpu_rotary, server_options, server_report
-from sglang_cacheblend.srt import tokenizer_hooks
+from sglang_cacheblend import options
+from sglang_cacheblend.srt import chat_hooks, cpu_rotary, server_report, tokenizer_hooks
 
 __all__ = ["HOOKS", "Hook", "missing_hooks", "register_hooks", "verify_hooks_applied"]
 
@@ -39,27 +39,38 @@ class _EnableCacheBlend(argparse.Action):
                  values: Any, option_string: str | None = None) -> None:
         missing = missing_hooks()
         if missing:
-            parser.error(f"{server_options.ENABLE_FLAG}: {_missing_message(missing)}")
+            parser.error(f"{options.ENABLE_FLAG}: {_missing_message(missing)}")
         setattr(namespace, self.dest, True)
 
 
 def _add_flags(result: Any, parser: argparse.ArgumentParser) -> Any:
-    server_options.add_cli_args(parser, enable_action=_EnableCacheBlend)
+    options.add_cli_args(parser, enable_action=_EnableCacheBlend)
     return result
 
 
 def _take_flags(original: Callable[..., Any], cls: Any, args: argparse.Namespace) -> Any:
-    server_options.apply_to_server_args(args)
+    options.apply_to_server_args(args)
     return original(cls, args)
 
 
 def _admit_request_chunks(result: Any, adder: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
-    if server_options.current_options().enabled:
+    if options.current_options().enabled:
         admit = getattr(adder.tree_cache, "admit_chunks", None)
         if admit is not None:
             # Live: SGLang's budget reads the allocator and the evictable size, so it already
             # counts this request's reservation and sees every lock and slot admission takes.
             admit(req, remaining_tokens=lambda: int(adder.rem_total_tokens))
+    return result
+
+
+def _forget_old_weights(result: Any, manager: Any, recv_req: Any, *args: Any,
+                        **kwargs: Any) -> Any:
+    """After SGLang replaced the served weights: chunk KV of the old ones is never served."""
+    if options.current_options().enabled:
+        tree_cache = getattr(getattr(manager, "scheduler", None), "tree_cache", None)
+        weights_changed = getattr(tree_cache, "weights_changed", None)
+        if weights_changed is not None:
+            weights_changed(getattr(recv_req, "model_path", None))
     return result
 
 
@@ -128,6 +139,14 @@ HOOKS: tuple[Hook, ...] = (
         _admit_request_chunks,
         "admission is where SGLang locks a request's prefix; the request's chunk hits are "
         "locked there too (the tree cache's lock() does not see the request)",
+    ),
+    Hook(
+        "sglang.srt.managers.scheduler_components.weight_updater."
+        "SchedulerWeightUpdaterManager.flush_cache_after_weight_update",
+        "AFTER",
+        _forget_old_weights,
+        "every update_weights_* path that replaced the served weights calls it (flushed or "
+        "not); chunk KV in the index and the tiers was computed with the old weights",
     ),
 )
 

@@ -14,9 +14,9 @@ logger = logging.getLogger(__name__)
 def register() -> None:
     from sglang.srt.mem_cache.registry import register_radix_cache_backend
 
+    from sglang_cacheblend.options import RADIX_BACKEND_NAME
+    from sglang_cacheblend.srt.cache_factory import create_cacheblend_cache
     from sglang_cacheblend.srt.hooks import register_hooks
-    from sglang_cacheblend.srt.server_options import RADIX_BACKEND_NAME
-    from sglang_cacheblend.srt.radix_cache import create_cacheblend_cache
 
     register_hooks()
     try:

@@ -26,30 +26,32 @@ Namespaces: blended KV is never an exact prefix of an unblended request
   the caller's ``extra_key``, RoPE config, how the chunk KV was computed); build one with
   :meth:`CacheBlendRadixCache.chunk_namespace`. Chunk KV is exact for the chunk standalone.
 - A request that asks for blending carries the ``extra_key`` of its blend settings
-  (:mod:`sglang_cacheblend.srt.blend_namespace`, set by the tokenizer hook). Its approximate KV goes
-  into the prefix tree under that key like any finished request's, so a follow-up turn blended
-  the same way reuses it as a prefix, and no other request ever matches it.
+  (:mod:`sglang_cacheblend.serving.blend_namespace`, set by the tokenizer hook). Its approximate
+  KV goes into the prefix tree under that key like any finished request's, so a follow-up turn
+  blended the same way reuses it as a prefix, and no other request ever matches it.
 
 Requests with chunks
 --------------------
 The per-request side (locking a request's hits, planning its blend, slots for its missed chunks,
-handing computed chunks to the index, release) is :class:`~.admission.ChunkAdmission`; this
-class calls it from SGLang's cache protocol (``match_prefix``, ``checkpoint``, ``on_release``,
-``release_aborted_request``) and the admission hook calls :meth:`admit_chunks`. A request's
-chunk layout is the :class:`~.chunk_request.ChunkRequest` the tokenizer process wrote.
+handing computed chunks to the index, release) is SGLang-free:
+:class:`~sglang_cacheblend.serving.admission.Admission`. This class forwards SGLang's cache
+protocol to it (``match_prefix``, ``checkpoint``, ``on_release``, ``release_aborted_request``;
+the admission hook calls :meth:`admit_chunks`), with SGLang's objects adapted by
+:mod:`.scheduler_view`. A request's chunk layout is the
+:class:`~sglang_cacheblend.serving.layout.ChunkLayout` the tokenizer process wrote, decoded once
+(:func:`.layout_envelope.layout_of`). The factory is :mod:`.cache_factory`.
 
 Chunk KV is read-only
 ---------------------
 Slots in ``ChunkMatch.kv_loc`` belong to the index. A request that reuses a chunk copies (and
 RoPE-realigns) that KV into slots of its own and writes its blended KV there; nothing writes to a
-chunk's slots after ``insert_chunk``.
+chunk's slots after the hand-off (``handoff.insert``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
-import json
 import logging
 import time
 from collections.abc import Callable, Hashable
@@ -69,26 +71,29 @@ from radix_ext import (
     ChunkNamespace,
     ChunkStats,
     EvictedChunk,
-    InsertChunkResult,
     TokenIds,
 )
-from sglang_cacheblend.srt.admission import ChunkAdmission
-from sglang_cacheblend.srt.blend_settings import check_fits_model
-from sglang_cacheblend.srt.chunk_request import chunk_request_of
-from sglang_cacheblend.srt.loading_controller import LoadingController
-from sglang_cacheblend.srt.pool_chunk_io import read_chunk_kv
-from sglang_cacheblend.srt.server_options import current_options
-from sglang_cacheblend.srt.supported_setups import refuse_unsupported_setups
+from sglang_cacheblend.options import ServerOptions
+from sglang_cacheblend.serving.admission import Admission
+from sglang_cacheblend.serving.controller import LoadingController
+from sglang_cacheblend.serving.handoff import ChunkHandoff
+from sglang_cacheblend.serving.pool_io import read_chunk_kv
+from sglang_cacheblend.serving.weights import WeightsIdentity
+from sglang_cacheblend.srt.layout_envelope import layout_of
+from sglang_cacheblend.srt.scheduler_view import (
+    SGLangChunkPool,
+    hand_off_precompute,
+    request_view,
+)
 from sglang_cacheblend.store import ChunkStore, chunk_key
-from sglang_cacheblend.store.config import build_store
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.mem_cache.base_prefix_cache import CacheRequestHandle
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-    from sglang.srt.mem_cache.registry import TreeCacheBuildContext
 
 logger = logging.getLogger(__name__)
+
 
 class CacheBlendRadixCache(RadixCache):
     """SGLang's legacy radix tree that also owns a :class:`~radix_ext.ChunkIndex`.
@@ -98,7 +103,9 @@ class CacheBlendRadixCache(RadixCache):
     params : CacheInitParams
         As for ``RadixCache``; the chunk index frees into ``params.token_to_kv_pool_allocator``.
     model_id : str
-        Model identity for chunk namespaces (path plus revision).
+        The served model's path (or hub id) for chunk namespaces; with ``revision``, and the
+        weights' fingerprint when it is a local folder
+        (:class:`~sglang_cacheblend.serving.weights.WeightsIdentity`).
     rope : tuple[tuple[str, Hashable], ...]
         Rotary configuration for chunk namespaces, sorted ``(name, value)`` pairs.
     chunk_store : ChunkStore, optional
@@ -114,21 +121,28 @@ class CacheBlendRadixCache(RadixCache):
         params: CacheInitParams,
         *,
         model_id: str = "model",
+        revision: str | None = None,
         rope: tuple[tuple[str, Hashable], ...] = (),
         chunk_store: ChunkStore | None = None,
         controller: LoadingController | None = None,
     ) -> None:
         # RadixCache.__init__ calls reset(), which resets the index: create the index first.
         self.chunk_store = chunk_store
-        self.loading_controller = controller or LoadingController(floor=0.15, ceiling=0.5)
         self.spill_failures = 0
         self.chunk_index = ChunkIndex(
             params.token_to_kv_pool_allocator, clock=time.monotonic,
             on_evict=self._spill if chunk_store is not None and chunk_store.takes_spills
             else None)
-        self.admission = ChunkAdmission(self)
-        self._model_id = model_id
+        self._weights = WeightsIdentity(model_id, revision)
         self._rope = rope
+        pool = SGLangChunkPool(self)
+        self.handoff = ChunkHandoff(self.chunk_index, pool, chunk_store, self.store_key,
+                                    page_size=params.page_size)
+        self.admission = Admission(index=self.chunk_index, pool=pool,
+                                   namespace_of=self.chunk_namespace, store_key=self.store_key,
+                                   store=chunk_store,
+                                   controller=controller or loading_controller_for(ServerOptions()),
+                                   handoff=self.handoff)
         super().__init__(params)
 
     # ------------------------------------------------------------------ chunk storage
@@ -137,41 +151,13 @@ class CacheBlendRadixCache(RadixCache):
         self, *, cache_salt: str | None = None, extra_key: str | None = None, variant: str = ""
     ) -> ChunkNamespace:
         """The chunk namespace of this model for a request's ``cache_salt``/``extra_key``."""
-        return ChunkNamespace(self._model_id, cache_salt, extra_key, self._rope, variant)
+        return ChunkNamespace(self._weights.current, cache_salt, extra_key, self._rope, variant)
 
-    def insert_chunk(
-        self,
-        namespace: Hashable,
-        token_ids: TokenIds,
-        kv_loc: torch.Tensor,
-        positions: int | torch.Tensor,
-        *,
-        rid: Hashable | None = None,
-        persist: bool = True,
-    ) -> InsertChunkResult:
-        """Hand a standalone chunk's slots to the index (see :meth:`radix_ext.ChunkIndex.insert`).
-
-        ``kv_loc``: shape ``(chunk_len,)``, int64, on the pool allocator's device, holding the
-        chunk's KV already; ``positions``: the start position or per-token absolute positions
-        the KV was computed at. For a chunk already cached, ``redundant_loc`` holds the
-        caller's slots, which the caller frees. With ``rid`` the entry is locked for that
-        request too. A new chunk is written through to the store's persistent tiers unless
-        ``persist`` is false (a chunk loaded from them).
-        """
-        if self.page_size != 1:
-            raise ValueError(
-                f"chunk KV needs page_size 1 (slots are freed per chunk), got {self.page_size}"
-            )
-        result = self.chunk_index.insert(namespace, token_ids, kv_loc, positions, rid=rid)
-        store = self.chunk_store
-        if persist and result.inserted and store is not None and store.writes_through:
-            try:
-                kv = read_chunk_kv(self.token_to_kv_pool_allocator.get_kvcache(),
-                                   result.kv_loc, result.positions, list(token_ids))
-                store.persist(self.store_key(namespace, token_ids), kv)
-            except Exception:  # noqa: BLE001 - the chunk stays in the pool; serving goes on
-                logger.exception("chunk KV write-through failed")
-        return result
+    def weights_changed(self, model_path: str | None = None) -> None:
+        """SGLang replaced the served weights (``update_weights_*``): chunk KV computed with
+        the old ones is never looked up again, in the pool or in any tier (it ages out)."""
+        identity = self._weights.changed(model_path)
+        logger.info("weights changed: chunk namespaces now name %s", identity)
 
     @staticmethod
     def store_key(namespace: Hashable, token_ids: TokenIds) -> str:
@@ -192,7 +178,7 @@ class CacheBlendRadixCache(RadixCache):
             kv = read_chunk_kv(self.token_to_kv_pool_allocator.get_kvcache(), evicted.kv_loc,
                                evicted.positions, token_ids)
             self.chunk_store.spill(self.store_key(evicted.namespace, token_ids), kv)
-        except Exception:  # noqa: BLE001 - eviction must go on; the chunk is just recomputed
+        except Exception:
             self.spill_failures += 1
             logger.exception("spilling an evicted chunk to the store failed")
 
@@ -202,18 +188,23 @@ class CacheBlendRadixCache(RadixCache):
 
     def store_report(self) -> dict[str, object]:
         """The store's tiers and writer, and the Loading Controller's speeds (``/server_info``)."""
-        report: dict[str, object] = {"controller": self.loading_controller.snapshot()}
+        report: dict[str, object] = {"controller": self.admission.controller.snapshot()}
         if self.chunk_store is not None:
             report.update(self.chunk_store.stats(), spill_failures=self.spill_failures)
         return report
 
     def admit_chunks(self, req: Req, *, remaining_tokens: Callable[[], int]) -> None:
         """Called when SGLang admits ``req`` to prefill: its chunks' admission (see
-        :meth:`.admission.ChunkAdmission.admit`)."""
-        request = chunk_request_of(req)
-        if request is None or request.precompute or self.disable:
+        :meth:`sglang_cacheblend.serving.admission.Admission.admit`). Never raises."""
+        try:
+            layout = layout_of(req)
+            if layout is None or layout.precompute or self.disable:
+                return
+            view = request_view(req)
+        except Exception:
+            logger.exception("request %s: reading it for chunk admission failed", req.rid)
             return
-        self.admission.admit(req, request, remaining_tokens=remaining_tokens)
+        self.admission.admit(view, layout, remaining_tokens=remaining_tokens)
 
     # ------------------------------------------------------------------ SGLang overrides
 
@@ -230,18 +221,26 @@ class CacheBlendRadixCache(RadixCache):
         A standalone precompute request matches nothing, so its whole row is its own; one after
         a chunk context matches at most the sink and the context.
         """
-        request = None if params.req is None else chunk_request_of(params.req)
-        if request is not None and request.precompute:
-            if not request.context:
+        layout = None if params.req is None else layout_of(params.req)
+        if layout is not None and layout.precompute:
+            if not layout.context:
                 return self._empty_match_result
             # After a chunk context: the tree may hold the sink and the context (exact KV,
             # put there by an earlier precompute), never more than that.
-            start = request.spans[0][0]
+            start = min(layout.spans[0][0], len(params.key))
             return super().match_prefix(dataclasses.replace(params, key=params.key[:start]))
         result = super().match_prefix(params)
-        if request is not None and not self.disable:
-            self.admission.touch(params.req, request, result.device_prefix_len)
+        if layout is not None and not self.disable:
+            self._touch(params.req, layout, result.device_prefix_len)
         return result
+
+    def _touch(self, req: Req, layout, prefix_len: int) -> None:
+        try:
+            view = request_view(req, prefix_len=prefix_len)
+        except Exception:
+            logger.exception("request %s: reading it for a chunk lookup failed", req.rid)
+            return
+        self.admission.touch(view, layout)
 
     def checkpoint(self, req: Req, *, up_to: int) -> None:
         """As ``RadixCache.checkpoint``, except for precompute requests.
@@ -249,15 +248,18 @@ class CacheBlendRadixCache(RadixCache):
         Their KV never enters the prefix tree: when the request finishes (not aborted), its chunk
         slots go to the chunk index; before that, the row stays the request's.
         """
-        request = chunk_request_of(req)
-        if request is None or not request.precompute:
+        layout = layout_of(req)
+        if layout is None or not layout.precompute:
             super().checkpoint(req, up_to=up_to)
             return
         from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
         aborted = isinstance(req.finished_reason, FINISH_ABORT)
         if not self.disable and req.finished() and not aborted:
-            self.admission.hand_off_precompute(req, request, up_to)
+            try:
+                hand_off_precompute(self, req, layout, up_to)
+            except Exception:
+                logger.exception("request %s: storing its precomputed chunk failed", req.rid)
 
     def evict(self, params: EvictParams) -> EvictResult:
         """Free at least ``params.num_tokens`` from the tree and the chunk index together.
@@ -278,7 +280,8 @@ class CacheBlendRadixCache(RadixCache):
             head = self.chunk_index.lru_head()
             if head is not None and (leaf is None or head.last_access_time < leaf.last_access_time):
                 older_than = None if leaf is None else leaf.last_access_time
-                result = self.chunk_index.evict(need - tree_freed - chunk_freed, older_than=older_than)
+                result = self.chunk_index.evict(need - tree_freed - chunk_freed,
+                                                older_than=older_than)
                 chunk_freed += result.num_tokens_evicted
                 continue
             if leaf is None:
@@ -347,64 +350,7 @@ class CacheBlendRadixCache(RadixCache):
             stack.extend(node.children.values())
 
 
-def create_cacheblend_cache(ctx: TreeCacheBuildContext) -> CacheBlendRadixCache:
-    """Factory for ``register_radix_cache_backend("cacheblend", ...)``, in each scheduler.
-
-    Refuses, with ``ValueError`` (the scheduler then stops with that message), what this cache
-    cannot serve: CacheBlend not enabled (the request hooks would be inert), hooks that did not
-    apply in this process, hybrid SWA or mamba models, HiCache, and blend settings the served
-    model cannot run.
-    """
-    from sglang_cacheblend.srt.hooks import verify_hooks_applied
-
-    options = current_options()
-    if not options.enabled:
-        raise ValueError("--radix-cache-backend cacheblend is selected by --enable-cacheblend; "
-                         "pass that flag instead")
-    verify_hooks_applied()
-    if ctx.server_args is not None:
-        refuse_unsupported_setups(vars(ctx.server_args))
-    if ctx.is_hybrid_swa or ctx.is_hybrid_ssm:
-        raise ValueError("--radix-cache-backend cacheblend supports full-attention models only")
-    if ctx.enable_hierarchical_cache:
-        raise ValueError("--radix-cache-backend cacheblend does not support HiCache")
-    num_layers = getattr(ctx.model_config, "num_hidden_layers", None)
-    if num_layers is not None:
-        check_fits_model(options.blend, num_layers,
-                         what="--cacheblend-check-layer / --cacheblend-gradual-end-layer")
-    controller = LoadingController(floor=options.controller_min_ratio,
-                                   ceiling=options.controller_max_ratio)
-    cache = CacheBlendRadixCache(
-        ctx.params, model_id=_model_id(ctx.model_config), rope=_rope_signature(ctx.model_config),
-        chunk_store=build_store(options.store), controller=controller,
-    )
-    model = ctx.tp_worker.model_runner.model if ctx.tp_worker is not None else None
-    attach = getattr(model, "attach_blend_source", None)
-    if callable(attach):
-        attach(cache.admission)
-    else:
-        logger.warning("%s has no blended extend: chunk hits are looked up and locked, but "
-                       "requests are prefilled in full", type(model).__name__)
-    return cache
-
-
-def _model_id(model_config) -> str:
-    path = getattr(model_config, "model_path", None) or "model"
-    revision = getattr(model_config, "revision", None)
-    return path if revision is None else f"{path}@{revision}"
-
-
-def _rope_signature(model_config) -> tuple[tuple[str, Hashable], ...]:
-    """The rotary settings that decide the post-RoPE keys, as sorted hashable pairs."""
-    hf_config = getattr(model_config, "hf_text_config", None)
-    rope = {
-        "rope_theta": getattr(hf_config, "rope_theta", None),
-        "rope_scaling": getattr(hf_config, "rope_scaling", None),
-        "rope_parameters": getattr(hf_config, "rope_parameters", None),
-        "partial_rotary_factor": getattr(hf_config, "partial_rotary_factor", None),
-        "head_dim": getattr(model_config, "head_dim", None),
-    }
-    return tuple(
-        (name, json.dumps(value, sort_keys=True, default=str))
-        for name, value in sorted(rope.items())
-    )
+def loading_controller_for(options: ServerOptions) -> LoadingController:
+    """The Loading Controller of a server's options (its ratio floor and ceiling)."""
+    return LoadingController(floor=options.controller_min_ratio,
+                             ceiling=options.controller_max_ratio)

@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict
 from typing import Any
 
-from sglang_cacheblend.srt.server_options import current_options
+from sglang_cacheblend.options import current_options
 
 __all__ = ["report_cacheblend_state"]
 

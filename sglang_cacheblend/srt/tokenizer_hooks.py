@@ -5,7 +5,8 @@ markers in its text, or with a CacheBlend ``kv_hints`` action, is tokenized here
 its own (:mod:`sglang_cacheblend.chunks`), the tokenizer's own special tokens around the whole
 prompt. Everything the client said about chunks is parsed and validated here, once, against
 the final token ids and the served model, and replaced by one server-written
-:class:`~.chunk_request.ChunkRequest` that the scheduler trusts. Bad markers, spans or settings
+:class:`~sglang_cacheblend.serving.layout.ChunkLayout` that the scheduler trusts, bound to the
+final token ids. Bad markers, spans or settings
 raise ``ValueError``, which SGLang's HTTP layer answers with 400.
 
 Both hooks here do nothing unless the server runs with ``--enable-cacheblend``.
@@ -13,9 +14,9 @@ Both hooks here do nothing unless the server runs with ``--enable-cacheblend``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sglang.srt.managers.kv_hints import KvHintsEnvelope, decode_kv_hints_envelope
@@ -24,7 +25,6 @@ from sglang_cacheblend.chunks import (
     ACTION_TYPES,
     ClientAction,
     Segment,
-    Span,
     contains_markers,
     precompute_prompt,
     read_client_action,
@@ -35,14 +35,15 @@ from sglang_cacheblend.chunks import (
     tokenize_segments,
     validate_spans,
 )
-from sglang_cacheblend.srt.blend_namespace import (
+from sglang_cacheblend.options import ServerOptions, current_options
+from sglang_cacheblend.serving.blend_namespace import (
     BLEND_KEY_PREFIX,
     blend_extra_key,
     is_blend_extra_key,
 )
-from sglang_cacheblend.srt.blend_settings import check_fits_model, effective_config
-from sglang_cacheblend.srt.chunk_request import SERVER_ACTION, ChunkRequest, envelope_with
-from sglang_cacheblend.srt.server_options import ServerOptions, current_options
+from sglang_cacheblend.serving.blend_settings import effective_config, effective_ratio_policy
+from sglang_cacheblend.serving.layout import ChunkLayout
+from sglang_cacheblend.srt.layout_envelope import SERVER_ACTION, envelope_with
 
 if TYPE_CHECKING:
     from sglang.srt.managers.io_struct import GenerateReqInput
@@ -84,20 +85,6 @@ def _context_ids(tokenizer: Any, text: str) -> tuple[int, ...]:
     return _CONTEXT_IDS[key]
 
 
-@dataclass(frozen=True)
-class _Decided:
-    """A chunked request before SGLang's own checks: all but the final span check."""
-
-    precompute: bool
-    spans: tuple[Span, ...]
-    sink: tuple[int, ...]
-    envelope: KvHintsEnvelope | None
-    blend: Any  # BlendConfig | None
-    ratio_policy: str = "fixed"
-    context: tuple[int, ...] = ()
-    family: str = ""
-
-
 async def tokenize_with_chunks(original: Callable[..., Any], manager: Any, obj: Any) -> Any:
     """AROUND ``TokenizerManager._tokenize_one_request``: see the module docstring."""
     from sglang.srt.managers.io_struct import GenerateReqInput
@@ -108,21 +95,27 @@ async def tokenize_with_chunks(original: Callable[..., Any], manager: Any, obj: 
     decided = _decide(manager, obj, options)
     tokenized = await original(manager, obj)
     if decided is not None:
-        # SGLang may have truncated input_ids (--allow-auto-truncate): check the final ids.
-        spans = validate_spans(decided.spans, len(tokenized.input_ids),
-                               max_chunk_len=manager.context_len,
+        layout, envelope = decided
+        # SGLang may have truncated input_ids (--allow-auto-truncate): check the final ids, and
+        # bind the layout to them (the scheduler uses it for exactly this prompt only). A missed
+        # chunk is computed after the sink and the context: all of it within the model's
+        # positions (issue 25 G10).
+        spans = validate_spans(layout.spans, len(tokenized.input_ids),
+                               max_chunk_len=manager.context_len - len(layout.prefix_ids),
                                min_chunk_len=options.min_chunk_tokens,
                                max_chunks=options.max_chunks)
-        request = ChunkRequest(decided.precompute, spans, decided.sink, decided.blend,
-                               decided.ratio_policy, decided.context, decided.family)
-        tokenized.kv_hints = envelope_with(decided.envelope, request, obj.rid)
+        layout = dataclasses.replace(layout, spans=spans).for_prompt(tokenized.input_ids)
+        tokenized.kv_hints = envelope_with(envelope, layout, obj.rid)
     return tokenized
 
 
-def _decide(manager: Any, obj: GenerateReqInput, options: ServerOptions) -> _Decided | None:
+def _decide(manager: Any, obj: GenerateReqInput, options: ServerOptions,
+            ) -> tuple[ChunkLayout, KvHintsEnvelope | None] | None:
     """Tokenize a chunked request in place (``input_ids``, ``text``, ``extra_key``).
 
-    Returns None for a request without chunks, after refusing what only the server may set.
+    Returns its layout (spans not yet checked against SGLang's final ids) and the client's
+    envelope, or None for a request without chunks, after refusing what only the server may
+    set.
     """
     if is_blend_extra_key(obj.extra_key):
         raise ValueError(f"extra_key must not start with {BLEND_KEY_PREFIX!r} (reserved)")
@@ -156,8 +149,8 @@ def _decide(manager: Any, obj: GenerateReqInput, options: ServerOptions) -> _Dec
         else:
             prefix, suffix = special_affixes(tokenizer.default, tokenizer.plain)
             prompt = tokenize_segments(
-                segments, tokenizer.plain, prefix_ids=prefix, suffix_ids=suffix, max_chunk_len=limit
-            )
+                segments, tokenizer.plain, prefix_ids=prefix, suffix_ids=suffix,
+                max_chunk_len=limit - len(sink) - len(context))
         obj.input_ids, obj.text = list(prompt.input_ids), strip_markers(segments)
         spans = prompt.spans
     elif client.precompute:
@@ -170,8 +163,8 @@ def _decide(manager: Any, obj: GenerateReqInput, options: ServerOptions) -> _Dec
         precompute, spans = False, client.spans
     blend = None if precompute else _blend_settings(manager, obj, client, options, context,
                                                     family)
-    policy = "fixed" if precompute else ratio_policy(options, client)
-    return _Decided(precompute, spans, sink, envelope, blend, policy, context, family)
+    policy = "fixed" if precompute else effective_ratio_policy(options.ratio_policy, client)
+    return ChunkLayout(precompute, spans, sink, blend, policy, context, family), envelope
 
 
 def _chunk_context(manager: Any, client: ClientAction | None, options: ServerOptions,
@@ -200,22 +193,12 @@ def _blend_settings(manager: Any, obj: GenerateReqInput, client: ClientAction | 
     settings' prefix namespace (:mod:`.blend_namespace`): blended KV is shared as a prefix only
     among requests blended the same way."""
     config = effective_config(options.blend, client)
-    check_fits_model(config, manager.model_config.num_hidden_layers,
-                     what="kv_hints cacheblend.chunks gradual/check layer")
-    policy = ratio_policy(options, client)
+    config.check_fits_model(manager.model_config.num_hidden_layers,
+                            what="kv_hints cacheblend.chunks gradual/check layer")
+    policy = effective_ratio_policy(options.ratio_policy, client)
     obj.extra_key = blend_extra_key(obj.extra_key, config, controller=policy == "controller",
                                     chunk_context=context, family=family)
     return config
-
-
-def ratio_policy(options: ServerOptions, client: ClientAction | None) -> str:
-    """The request's own ``ratio_policy``; else "fixed" when it sets its own ratio or schedule
-    (an explicit ratio wins over the server's controller); else the server's."""
-    if client is not None and client.ratio_policy is not None:
-        return client.ratio_policy
-    if client is not None and (client.recompute_ratio is not None or client.gradual is not None):
-        return "fixed"
-    return options.ratio_policy
 
 
 def _is_one_chunk(segments: tuple[Segment, ...]) -> bool:

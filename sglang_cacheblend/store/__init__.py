@@ -4,7 +4,7 @@ Pure torch (no SGLang): a tier holds :class:`~.entry.ChunkKV` under a :func:`~.e
 and says what it evicted, so a caller can spill an entry one tier down; :class:`ChunkStore`
 chains the tiers. The SGLang side (spill on pool eviction, write-through of computed chunks,
 load-back into pool slots inside admission's budget) is ``sglang_cacheblend.srt.radix_cache``
-and ``sglang_cacheblend.srt.admission``.
+and ``sglang_cacheblend.serving.admission``.
 """
 
 from sglang_cacheblend.store.chunk_store import ChunkStore, StoreHit

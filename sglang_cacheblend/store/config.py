@@ -15,8 +15,9 @@ _LOOPBACK = ("127.0.0.1", "localhost")
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """Tier sizes in MiB (0 turns a tier off), the disk tier's folder, the write policy, and the
-    Mooncake master and metadata server for sharing between servers."""
+    """Tier sizes in MiB (0 turns a tier off), the disk tier's folder, the write policy, the
+    Mooncake master and metadata server for sharing between servers, and the bound of the
+    queue of writes to them in MiB (each queued write is a CPU copy of one chunk's KV)."""
 
     host_mb: int = 0
     disk_dir: str | None = None
@@ -24,12 +25,13 @@ class StoreConfig:
     policy: WritePolicy = "write-through"
     mooncake_master: str | None = None
     mooncake_metadata: str | None = None
+    queue_mb: int = 512
 
     def __post_init__(self) -> None:
-        for name in ("host_mb", "disk_mb"):
+        for name, least in (("host_mb", 0), ("disk_mb", 0), ("queue_mb", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
         if self.policy not in ("write-through", "spill"):
             raise ValueError(f"policy must be 'write-through' or 'spill', got {self.policy!r}")
         if (self.mooncake_master is None) != (self.mooncake_metadata is None):
@@ -62,7 +64,8 @@ def build_store(config: StoreConfig) -> ChunkStore | None:
 
         persistent.append(("mooncake", MooncakeTier(config.mooncake_master,
                                                     config.mooncake_metadata)))
-    store = ChunkStore(host=host, persistent=persistent, policy=config.policy)
+    store = ChunkStore(host=host, persistent=persistent, policy=config.policy,
+                       max_queued_bytes=config.queue_mb * MB)
     # The scheduler process exits through sys.exit on shutdown: land what is queued (briefly)
     # and let Mooncake's client leave cleanly.
     atexit.register(store.close, 10.0)

@@ -37,6 +37,7 @@ class HostTier:
 
     def put(self, key: str, kv: ChunkKV) -> list[tuple[str, ChunkKV]]:
         if kv.nbytes > self._capacity:
+            self._stats.rejected += 1
             return [(key, kv)]
         self.remove(key)
         evicted = []

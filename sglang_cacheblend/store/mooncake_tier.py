@@ -10,8 +10,8 @@ The tier degrades, never crashes and never stalls its caller (SGLang's scheduler
 every Mooncake call runs on a worker thread (one for reads, one for writes) and the caller
 waits at most ``timeout_s``. A call that times out or fails (e.g. -900 when the master is
 gone; calls then hang ~4-13 s) logs one warning and marks the tier unavailable: get answers
-None and put skips at once, and availability is retried at most every ``retry_s`` (once that
-thread is free again). Mooncake keeps nothing across a master restart, so after recovery the
+None and put declines at once (:class:`~.tier.NotStored`, which the store counts), and
+availability is retried at most every ``retry_s`` (once that thread is free again). Mooncake keeps nothing across a master restart, so after recovery the
 chunks are simply recomputed.
 
 Mooncake's transfer engine listens on ``0.0.0.0``, so the tier only talks to 127.0.0.1 and
@@ -35,7 +35,7 @@ from typing import Any
 from sglang_cacheblend.store import codec
 from sglang_cacheblend.store.entry import ChunkKV
 from sglang_cacheblend.store.netns import in_private_netns
-from sglang_cacheblend.store.tier import TierStats
+from sglang_cacheblend.store.tier import NotStored, TierStats
 
 __all__ = ["KEY_PREFIX", "MooncakeStats", "MooncakeTier"]
 
@@ -57,7 +57,7 @@ class MooncakeStats(TierStats):
     store is shared and evicts by itself; ``capacity_bytes`` is what this process lends."""
 
     stored: int = 0  # puts that stored the chunk or found it there already
-    rejected: int = 0  # puts the store refused (full, larger than the local buffer)
+    # rejected (TierStats): puts the store refused (full, larger than the local buffer)
     failures: int = 0  # calls that failed or timed out (each marks the tier unavailable)
     skipped: int = 0  # calls not made because the tier was unavailable
     available: bool = True
@@ -120,7 +120,8 @@ class MooncakeTier:
 
     Thread-safe for :class:`~.chunk_store.ChunkStore`'s pattern: one thread reads (get,
     remove) while another writes (put). Reads and writes run on two lanes (a thread each), so
-    a get never waits behind a put's encoding or transfer. ``put`` returns ``[]``.
+    a get never waits behind a put's encoding or transfer. ``put`` returns ``[]`` or raises
+    :class:`~.tier.NotStored`.
     """
 
     def __init__(self, master_addr: str, metadata_url: str, *, local_host: str = "127.0.0.1",
@@ -168,7 +169,6 @@ class MooncakeTier:
         self._stats = MooncakeStats(capacity_bytes=global_segment_bytes)
         self._available = True
         self._retry_at = 0.0
-        self._warned_rejections: set[int] = set()
         self._damaged: set[str] = set()  # keys whose damaged entry may still be stored
         self._store: Any = None  # set up on first use, under _connect_lock
         self._connect_lock = threading.Lock()
@@ -266,9 +266,10 @@ class MooncakeTier:
         return kv
 
     def put(self, key: str, kv: ChunkKV) -> list[tuple[str, ChunkKV]]:
-        """Store ``kv`` unless the store has the chunk already (or is unavailable, full, or
-        the entry exceeds ``local_buffer_bytes``: then it is skipped). Blocks at most
-        ``timeout_s``. Returns ``[]``: Mooncake evicts by itself."""
+        """Store ``kv`` unless the store has the chunk already. Blocks at most ``timeout_s``.
+        Returns ``[]``: Mooncake evicts by itself. Raises :class:`NotStored` when the store
+        is unavailable, full, or the entry exceeds ``local_buffer_bytes`` (the caller counts
+        and logs it)."""
         name = self._name(key)
 
         def job(store: Any) -> int:
@@ -289,21 +290,17 @@ class MooncakeTier:
 
         code = self._call(self._writes, "put", job)
         if code is None:
-            return []
+            raise NotStored("the Mooncake tier is unavailable")
         if code < 0 and code not in _REJECTED and code != _ALREADY_THERE:
             self._fail(f"put returned {code}")
-            return []
+            raise NotStored(f"Mooncake put returned {code}")
         with self._lock:
             if code in _REJECTED:
                 self._stats.rejected += 1
-                warn = code not in self._warned_rejections
-                self._warned_rejections.add(code)
             else:
                 self._stats.stored += 1
         if code in _REJECTED:
-            logger.log(logging.WARNING if warn else logging.DEBUG,
-                       "Mooncake tier skipped a chunk of %d bytes: %s (%d)", kv.nbytes,
-                       _REJECTED[code], code)
+            raise NotStored(f"{_REJECTED[code]} ({code}); a chunk of {kv.nbytes} bytes")
         return []
 
     def remove(self, key: str) -> bool:

@@ -8,7 +8,7 @@ from typing import Protocol
 
 from sglang_cacheblend.store.entry import ChunkKV
 
-__all__ = ["KVTier", "TierStats"]
+__all__ = ["KVTier", "NotStored", "TierStats"]
 
 
 @dataclass
@@ -22,6 +22,12 @@ class TierStats:
     misses: int = 0
     evictions: int = 0
     dropped: int = 0  # entries found damaged or foreign and deleted (disk)
+    rejected: int = 0  # entries not stored: larger than the tier, or the tier refused them
+
+
+class NotStored(Exception):
+    """A tier's ``put`` declined the entry (larger than the tier, store full, tier unavailable):
+    nothing is stored, and the caller counts it, as it would a failed write."""
 
 
 class KVTier(Protocol):
@@ -31,7 +37,10 @@ class KVTier(Protocol):
         """The entry under ``key``, or None (never a damaged one)."""
 
     def put(self, key: str, kv: ChunkKV) -> list[tuple[str, ChunkKV]]:
-        """Store ``kv``; return the entries evicted to make room (to spill one tier down)."""
+        """Store ``kv``; return the entries evicted to make room (to spill one tier down).
+
+        A persistent tier raises :class:`NotStored` when it declines the entry, so a write
+        that stored nothing is never mistaken for one that landed."""
 
     def remove(self, key: str) -> bool:
         """Drop ``key``; whether it was there."""

@@ -20,7 +20,7 @@ def test_defaults_are_the_single_check_baseline():
     cfg = BlendConfig()
     assert (cfg.recompute_ratio, cfg.check_layer, cfg.selector) == (0.15, 1, "question_lookahead")
     assert cfg.schedule == ((1, 0.15),)
-    assert BlendConfig.single_check(0.2, 2, selector="k_deviation").schedule == ((2, 0.2),)
+    assert BlendConfig(0.2, 2, selector="k_deviation").schedule == ((2, 0.2),)
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,7 @@ def _mask(n: int, suffix: int, seed: int, miss_rate: float = 0.1) -> torch.Tenso
 def test_single_check_layer():
     n, layers = 200, 6
     mask = _mask(n, suffix=20, seed=0)
-    cfg = BlendConfig.single_check(0.15, check_layer=1, selector=V_DEV)
+    cfg = BlendConfig(recompute_ratio=0.15, check_layer=1, selector=V_DEV)
     plan = BlendPlan(cfg, mask, layers)
     dev = [torch.rand(n) for _ in range(layers)]
     seen = _run(plan, dev)

@@ -1,33 +1,36 @@
-"""The benchmark's pure parts (``bench``, ``load``, ``bench_report``): chunk sizing, workloads,
-schedules, orders, request bodies, ratios and summaries. No server."""
+"""The benchmark's pure parts (``bench/``: run, workload, load, report, tiers): chunk sizing,
+workloads, schedules, orders, request bodies, ratios and summaries. No server."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from types import SimpleNamespace
 
 import pytest
 
 from sglang_cacheblend.chunks import ChunkedPrompt
-from sglang_cacheblend.eval import load
-from sglang_cacheblend.eval.bench import (
-    add_arguments,
-    check_arguments,
-    make_workload,
-    mode_names,
-    reorderings,
-    sized_passages,
-)
-from sglang_cacheblend.eval.bench_report import (
+from sglang_cacheblend.eval.bench import load, tiers
+from sglang_cacheblend.dataset import QAItem
+from sglang_cacheblend.eval.bench.load import Reply, closed_loop, open_loop, poisson_schedule
+from sglang_cacheblend.eval.bench.report import (
     load_summary,
     markdown_report,
     ratios_against,
     ttft_summary,
     unblended_warnings,
+    write_outputs,
 )
-from sglang_cacheblend.eval.dataset import QAItem
-from sglang_cacheblend.eval.load import Reply, closed_loop, open_loop, poisson_schedule
+from sglang_cacheblend.eval.bench.run import (
+    add_arguments,
+    blend_modes,
+    check_arguments,
+    mode_names,
+    run_ttft,
+)
+from sglang_cacheblend.eval.bench.workload import make_workload, reorderings, sized_passages
+from sglang_cacheblend.eval.results import load_results
 
 
 def encode(text: str) -> list[int]:
@@ -188,7 +191,8 @@ def test_arguments_defaults_and_checks():
     args = parser.parse_args([])
     check_arguments(args)
     assert mode_names(args.ratios) == ["full", "prefix", "prefix_reordered", "reuse", "blend@0.15"]
-    for bad in (["--chunks", "1"], ["--ratios", "0"], ["--reps", "0"], ["--rates", "-1"]):
+    for bad in (["--chunks", "1"], ["--ratios", "0"], ["--reps", "0"], ["--rates", "-1"],
+                ["--selectors", "no_such_rule"]):
         with pytest.raises(ValueError):
             check_arguments(parser.parse_args(bad))
 
@@ -213,3 +217,100 @@ def test_unblended_modes_are_flagged():
     rows[-1]["reused_tokens"] = 0
     warnings = unblended_warnings(ttft_summary(rows))
     assert len(warnings) == 1 and "blend@0.15 at 6 x 512 was not blended" in warnings[0]
+
+
+def test_whole_passages_are_the_items_own_passages_uncut():
+    work = make_workload(ITEMS, 0, 2, None, CharTokenizer())
+    assert work.chunk_size is None
+    assert work.prompt.passages == ("x" * 10 + "\n\n", "y" * 10 + "\n\n")
+    assert "Question: q0" in work.prompt.suffix
+
+
+class FakeClient:
+    """The server calls ``run_ttft`` makes, recorded; every request takes 1 s."""
+
+    def __init__(self):
+        self.sent = []
+
+    def flush(self):
+        self.sent.append("flush")
+
+    def generate(self, prompt, salt, ratio=None, selector=None):
+        self.sent.append((ratio, selector))
+        return Reply(1.0, f"rid{len(self.sent)}", 0)
+
+    def precompute(self, passages, salt):
+        return 0.5
+
+    def reused_tokens(self, rid):
+        return 7
+
+
+class FakeDense:
+    def seconds(self, prompt):
+        return 0.25
+
+
+def test_ttft_sends_each_selector_per_request_and_times_dense_prefill_last():
+    modes = blend_modes([0.15], ["v_deviation"])
+    assert mode_names([0.15], ["v_deviation"]) == [
+        "full", "prefix", "prefix_reordered", "reuse", "blend@0.15", "blend@0.15 v_deviation"]
+    client = FakeClient()
+    rows = run_ttft(client, make_workload(ITEMS, 0, 2, 4, CharTokenizer()), modes, rep=0,
+                    dense=FakeDense())
+    assert client.sent[-3:] == [(0.0, None), (0.15, None), (0.15, "v_deviation")]
+    ttft = [r for r in rows if r["phase"] == "ttft"]
+    assert [r["mode"] for r in ttft] == [*mode_names([0.15], ["v_deviation"]), "dense_sdpa"]
+    assert ttft[-1]["ttft_s"] == 0.25 and ttft[-1]["reused_tokens"] is None
+
+
+def test_dense_prefill_is_a_ttft_baseline_with_its_own_column_and_never_a_warning():
+    rows = _ttft_rows() + [{"phase": "ttft", "chunks": 6, "chunk_size": 512, "prompt_tokens": 3200,
+                            "mode": "dense_sdpa", "rep": 0, "ttft_s": 4.0, "reused_tokens": None}]
+    summary = {r["mode"]: r for r in ttft_summary(rows)}
+    assert summary["blend@0.15"]["vs_dense_sdpa"] == pytest.approx(2.0)
+    assert unblended_warnings(list(summary.values())) == []
+    text = markdown_report({"wall_s": 1.0, "command_line": "c"}, _INFO,
+                           {"ttft": list(summary.values()), "load": [], "skipped": []}, "p.png")
+    assert "| vs prefix reordered | vs dense SDPA | reused tokens (min) |" in text
+    assert "| 4.50x | 2.50x | 4.50x | 2.00x | 3000 |" in text
+
+
+_INFO = {"date": "2026-01-01T00:00:00+00:00", "git": {"commit": "a" * 40, "dirty": False},
+         "machine": {"cpu_model": "cpu", "cpu_cores": 2, "ram_bytes": None, "torch": "2",
+                     "sglang": "0.5.23", "load_avg": None}}
+
+
+def test_written_results_record_the_command_line(tmp_path):
+    config = {"wall_s": 1.0, "command_line": "sglang-cacheblend bench --item 3"}
+    paths = write_outputs(tmp_path, "b", config, _ttft_rows(), [])
+    assert load_results(paths["json"]).config["command_line"] == config["command_line"]
+    assert "Command: `sglang-cacheblend bench --item 3`" in paths["md"].read_text()
+
+
+def test_the_tier_report_names_the_cpu_count_and_the_item():
+    """Regression: the tier report read a machine key that does not exist ("None CPUs")."""
+    config = {"command_line": "sglang-cacheblend bench --tiers disk --item 4", "wall_s": 1.0,
+              "chunks": 6, "chunk_size": 512, "item": 4, "ratio": 0.15, "reps": 1}
+    text = tiers.markdown(config, _INFO, [], "t.png")
+    assert "2 CPUs" in text and "Prompt 6 x 512 of item 4" in text
+    assert "`sglang-cacheblend bench --tiers disk --item 4`" in text
+
+
+def test_tiers_mooncake_reruns_the_same_command_in_a_private_namespace(monkeypatch):
+    from sglang_cacheblend.store import netns
+
+    argv = ["bench", "--tiers", "disk", "mooncake", "--item", "2"]
+    args = SimpleNamespace(url=None, tiers=["disk", "mooncake"], argv=argv)
+    run_commands = []
+    monkeypatch.setattr(netns, "in_private_netns", lambda: "eth0 is visible")
+    monkeypatch.setattr(netns, "mooncake_available", lambda: None)
+    monkeypatch.setattr(tiers.subprocess, "run", lambda command, check: (
+        run_commands.append(command) or SimpleNamespace(returncode=0)))
+    assert tiers.run(args, []) == {}
+    assert run_commands[0][0] == "unshare"
+    assert run_commands[0][-len(argv) - 3:] == [sys.executable, "-m", "sglang_cacheblend.cli",
+                                                *argv]
+    monkeypatch.setattr(netns, "mooncake_available", lambda: "needs root")
+    with pytest.raises(ValueError, match="needs root"):
+        tiers.run(args, [])

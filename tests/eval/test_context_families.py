@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from sglang_cacheblend.eval.context_families import Corpus, context_ids, parse_family
-from sglang_cacheblend.eval.dataset import QAItem
-from sglang_cacheblend.eval.quality import QualityConfig, modes_for
+from sglang_cacheblend.dataset import QAItem
+from sglang_cacheblend.eval.quality.modes import QualityConfig, modes_for
 
 TOPICS = {
     "rivers": "the river flows through the valley to the sea past the old mill",
@@ -97,7 +97,7 @@ def test_each_family_is_precomputed_right_before_its_own_modes(monkeypatch, tmp_
     family's chunks must be computed just before that family's first mode."""
     import json
 
-    from sglang_cacheblend.eval import quality
+    from sglang_cacheblend.eval.quality import run as quality
     from sglang_cacheblend.eval.teacher_forcing import Reference, Scored
 
     calls: list[str] = []

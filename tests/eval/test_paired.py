@@ -8,7 +8,7 @@ import random
 import pytest
 
 from sglang_cacheblend.eval.paired import paired_gap
-from sglang_cacheblend.eval.quality import summarize_modes
+from sglang_cacheblend.eval.quality.report import summarize_modes
 
 
 def _rows(kls: dict[str, list[float]]) -> list[dict]:

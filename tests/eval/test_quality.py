@@ -9,9 +9,10 @@ import pytest
 
 from sglang_cacheblend.chunks import ClientAction, chunk_hints, read_client_action
 from sglang_cacheblend.config import BlendConfig
-from sglang_cacheblend.eval.quality import QualityConfig, modes_for, summarize_modes
-from sglang_cacheblend.srt.blend_namespace import blend_extra_key
-from sglang_cacheblend.srt.blend_settings import effective_config
+from sglang_cacheblend.eval.quality.modes import QualityConfig, modes_for
+from sglang_cacheblend.eval.quality.report import merge_runs, summarize_modes, write_report
+from sglang_cacheblend.serving.blend_namespace import blend_extra_key
+from sglang_cacheblend.serving.blend_settings import effective_config
 
 
 def test_modes_cover_full_reuse_the_sweep_and_the_variants_at_the_main_ratio():
@@ -65,11 +66,12 @@ def test_per_request_overrides_travel_in_the_action_and_build_the_config():
 ])
 def test_bad_overrides_are_rejected_with_the_field_named(overrides, message):
     with pytest.raises(ValueError, match=message):
-        ClientAction(False, ((0, 4),), **overrides)
+        effective_config(BlendConfig(), ClientAction(False, ((0, 4),), settings=overrides))
 
 
 def test_a_schedule_that_contradicts_the_ratio_is_rejected():
-    action = ClientAction(False, ((0, 4),), recompute_ratio=0.1, gradual=[[1, 0.3], [8, 0.15]])
+    action = ClientAction(False, ((0, 4),),
+                          settings={"recompute_ratio": 0.1, "gradual": [[1, 0.3], [8, 0.15]]})
     with pytest.raises(ValueError, match="gradual must end at recompute_ratio=0.1"):
         effective_config(BlendConfig(), action)
 
@@ -77,7 +79,7 @@ def test_a_schedule_that_contradicts_the_ratio_is_rejected():
 def _args(tmp_path, **overrides):
     import argparse
 
-    from sglang_cacheblend.eval.quality import add_arguments
+    from sglang_cacheblend.eval.quality.run import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -93,7 +95,8 @@ def test_a_run_records_the_commit_it_started_on_not_the_one_checked_out_when_it_
     import transformers
 
     from sglang_cacheblend import embedded_model
-    from sglang_cacheblend.eval import quality, results
+    from sglang_cacheblend.eval import results
+    from sglang_cacheblend.eval.quality import run as quality
 
     checkout = {"commit": "a" * 40}
     monkeypatch.setattr(results, "git_state", lambda *_: {"commit": checkout["commit"],
@@ -114,14 +117,12 @@ def test_a_run_records_the_commit_it_started_on_not_the_one_checked_out_when_it_
 
 
 def test_a_merge_keeps_every_runs_provenance(tmp_path):
-    from sglang_cacheblend.eval import quality
-
     config = QualityConfig(ratios=(0.15,), selectors=(), gradual_end_layer=None)
     for k, commit in enumerate(("a", "b")):
         rows = [_row(k, "full", 0.0), _row(k, "reuse", 0.2), _row(k, "blend@0.15", 0.1)]
-        quality.write_report(tmp_path / f"batch_{k}", config, rows, summarize_modes(rows), "t",
-                             {"date": "d", "git": {"commit": commit * 40}, "machine": {}})
-    merged, rows, runs = quality.merge_runs([tmp_path / "batch_0", tmp_path / "batch_1"])
+        write_report(tmp_path / f"batch_{k}", config, rows, summarize_modes(rows), "t",
+                     {"date": "d", "git": {"commit": commit * 40}, "machine": {}})
+    merged, rows, runs = merge_runs([tmp_path / "batch_0", tmp_path / "batch_1"])
     assert merged.items == 2 and len(rows) == 6
     assert [run["git"]["commit"] for run in runs] == ["a" * 40, "b" * 40]
     assert runs[1]["folder"] == str(tmp_path / "batch_1")

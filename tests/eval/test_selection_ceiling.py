@@ -7,8 +7,8 @@ import torch
 
 from sglang_cacheblend.blend.forward import blended_prefill
 from sglang_cacheblend.config import BlendConfig
-from sglang_cacheblend.eval.offline_fidelity import ItemContext, greedy, teacher_forced
-from sglang_cacheblend.eval.selection_ceiling import (
+from sglang_cacheblend.eval.offline.fidelity import ItemContext, greedy, teacher_forced
+from sglang_cacheblend.eval.offline.selection_ceiling import (
     deviation_ranking,
     evaluate_item,
     gradient_ranking,

@@ -20,6 +20,19 @@ def max_abs_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
+def agrees_within(out: dict[str, Any], reference: dict[str, Any], tol: float) -> bool:
+    """Whether ``out`` starts with ``reference``'s greedy token, and their log-probs stay within
+    ``tol`` while their greedy tokens agree (after the first token they part on, log-probs are
+    of other tokens and say nothing)."""
+    agreed = 0
+    for token, expected in zip(out["output_ids"], reference["output_ids"]):
+        if token != expected:
+            break
+        agreed += 1
+    return agreed > 0 and max_abs_diff(output_logprobs(out)[:agreed],
+                                       output_logprobs(reference)[:agreed]) < tol
+
+
 def assert_nothing_held(base_url: str) -> None:
     """Every KV slot is free, evictable or protected, none protected, no chunk locked."""
     import requests

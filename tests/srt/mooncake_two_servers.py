@@ -26,7 +26,7 @@ import requests
 from sglang_cacheblend.chunks import chunk_hints, precompute_hints
 from sglang_cacheblend.chunks.client import wait_for_store_writes
 from sglang_cacheblend.store.mooncake_service import MooncakeService
-from tests.conftest import running_server
+from tests.conftest import FLOAT32, STANDALONE_CHUNKS, running_server
 
 TIMEOUT = 600
 rng = random.Random(20)
@@ -69,7 +69,10 @@ def main(model_path: str, log_dir: str) -> None:
     out: dict = {}
     logs = Path(log_dir)
     with MooncakeService(global_segment_bytes=1 << 30) as service:
-        args = ["--enable-cacheblend", "--cacheblend-min-reused-tokens", "16",
+        # fp32: the two servers' answers are compared token for token (in bf16 the answers
+        # for the concurrently written chunks parted). Standalone chunk KV: counts are chunks'.
+        args = ["--enable-cacheblend", *FLOAT32, *STANDALONE_CHUNKS,
+                "--cacheblend-min-reused-tokens", "16",
                 "--cacheblend-mooncake-master", service.master_addr,
                 "--cacheblend-mooncake-metadata", service.metadata_url]
         (logs / "a").mkdir(parents=True, exist_ok=True)

@@ -7,20 +7,27 @@ Each request goes through the admission hook as SGLang calls it, with SGLang's o
 
 from __future__ import annotations
 
+from array import array
 from types import SimpleNamespace
 
 import pytest
 
 pytest.importorskip("sglang")
 
+from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams  # noqa: E402, I001
+from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
+
 from sglang_cacheblend.chunks import sink_variant  # noqa: E402
 from sglang_cacheblend.config import BlendConfig  # noqa: E402
+from sglang_cacheblend.options import ENV_VAR, ServerOptions  # noqa: E402
+from sglang_cacheblend.serving.admission import PROMPT_CHANGED  # noqa: E402
+from sglang_cacheblend.serving.blend_namespace import blend_extra_key  # noqa: E402
+from sglang_cacheblend.serving.blend_request import BlendOutcome  # noqa: E402
+from sglang_cacheblend.serving.layout import ChunkLayout  # noqa: E402
 from sglang_cacheblend.srt import hooks  # noqa: E402
-from sglang_cacheblend.srt.blend_namespace import blend_extra_key  # noqa: E402
-from sglang_cacheblend.srt.chunk_request import ChunkRequest, envelope_with  # noqa: E402
+from sglang_cacheblend.srt.layout_envelope import envelope_with  # noqa: E402
 from sglang_cacheblend.srt.radix_cache import CacheBlendRadixCache  # noqa: E402
-from sglang_cacheblend.srt.server_options import ENV_VAR, ServerOptions  # noqa: E402
-from tests.srt.test_radix_backend import POOL_SIZE, check_pool, make_params  # noqa: E402
+from tests.srt.test_radix_cache import POOL_SIZE, check_pool, make_params  # noqa: E402
 
 SINK = (1,)
 MAX_NEW = 8
@@ -54,24 +61,34 @@ class Adder:
 
 def insert_chunk(cache, token_ids):
     kv_loc = cache.token_to_kv_pool_allocator.alloc(len(token_ids))
-    cache.insert_chunk(cache.chunk_namespace(variant=sink_variant(SINK)), token_ids, kv_loc,
+    cache.handoff.insert(cache.chunk_namespace(variant=sink_variant(SINK)), token_ids, kv_loc,
                        len(SINK))
 
 
-def admit(cache, rid, chunks, *, config=BLEND, output_ids=(), extend_end=None):
-    """A request ``sink + chunks + question`` admitted through the hook; returns (req, need)."""
+def chunked_req(rid, chunks, *, config=BLEND, output_ids=(), extend_end=None):
+    """A scheduler request ``sink + chunks + question`` as the tokenizer hook leaves it."""
     prompt, spans = list(SINK), []
     for ids in chunks:
         spans.append((len(prompt), len(prompt) + len(ids)))
         prompt += ids
     prompt += QUESTION
-    request = ChunkRequest(False, tuple(spans), SINK, config)
-    req = SimpleNamespace(
+    layout = ChunkLayout(False, tuple(spans), SINK, config).for_prompt(prompt)
+    return SimpleNamespace(
         rid=rid, origin_input_ids=prompt, prefix_len=0, cache_salt=None,
-        extra_key=blend_extra_key(None, config), kv_hints=envelope_with(None, request, rid),
+        extra_key=blend_extra_key(None, config), kv_hints=envelope_with(None, layout, rid),
         output_ids=list(output_ids), extend_end=len(prompt) if extend_end is None else extend_end,
+        to_finish=None, finished=lambda: False,
     )
-    need = len(prompt) + len(output_ids)
+
+
+def admit(cache, rid, chunks, *, rewrite=None, **kwargs):
+    """A request ``sink + chunks + question`` admitted through the hook; returns (req, need).
+    ``rewrite(req)`` changes it first, as SGLang's scheduler may after tokenization."""
+    req = chunked_req(rid, chunks, **kwargs)
+    if rewrite is not None:
+        rewrite(req)
+    prompt = req.origin_input_ids
+    need = len(prompt) + len(req.output_ids)
     adder = Adder(cache, reserved=need + MAX_NEW)
     assert adder.rem_total_tokens >= 0, "SGLang itself would not admit this request"
     hooks._admit_request_chunks(None, adder, req)
@@ -132,7 +149,7 @@ def test_locks_and_unfilled_slots_go_once_the_blended_forward_ran(cache):
     admit(cache, "r", [A, C])
     assert cache.chunk_stats().locked_size == len(A)
     assert cache.token_to_kv_pool_allocator.available_size() == free_before - len(SINK) - len(C)
-    cache.admission.finish_forward("r", blended=False, reason="the batch took SGLang's forward")
+    cache.admission.finish("r", BlendOutcome.not_blended("the batch took SGLang's forward"))
     assert cache.chunk_stats().locked_size == 0
     assert cache.token_to_kv_pool_allocator.available_size() == free_before
     assert cache.admission.blend_request("r") is None  # no later forward blends again
@@ -155,4 +172,79 @@ def test_extends_that_cannot_blend_take_no_slots_or_locks(cache, kind, reason):
     assert report(cache, "r")["blended"] is False and reason in report(cache, "r")["reason"]
     assert cache.token_to_kv_pool_allocator.available_size() == free_before
     assert cache.chunk_stats().locked_size == 0
+    check_pool(cache)
+
+
+def _abort_stub(req):
+    """``Req.set_finish_with_abort``: a one-token stub that still runs a prefill."""
+    req.origin_input_ids = array("q", [0])
+    req.extend_end = 1
+    req.to_finish = "abort"
+
+
+def _truncate(req):
+    """``--allow-auto-truncate`` in ``validate_input_length``: the prompt cut short."""
+    req.origin_input_ids = req.origin_input_ids[:30]
+    req.extend_end = 30
+
+
+def _same_length_other_ids(req):
+    """Any other rewrite of the ids (same length): the layout is for other tokens."""
+    req.origin_input_ids = [t + 1 for t in req.origin_input_ids]
+
+
+@pytest.mark.parametrize("rewrite", [_abort_stub, _truncate, _same_length_other_ids])
+def test_a_prompt_sglang_rewrote_after_tokenization_is_neither_matched_nor_blended(
+        cache, rewrite):
+    """Issue 25 G1: SGLang turns a chunked request into a one-token abort stub (bad logprob
+    start, grammar error, hang-up in the grammar queue, over-long prompt) or truncates it
+    after tokenization; the spans then lay past the prompt and ``match_prefix`` raised out of
+    the scheduler loop, killing the server. Now: looked up never, prefilled unblended, said so."""
+    insert_chunk(cache, A)
+    free_before = cache.token_to_kv_pool_allocator.available_size()
+    req = chunked_req("r", [A, C])
+    rewrite(req)
+    params = MatchPrefixParams(key=RadixKey(array("q", req.origin_input_ids),
+                                            extra_key=req.extra_key), req=req)
+    cache.match_prefix(params)  # used to raise ValueError (span outside the prompt)
+    admit(cache, "r", [A, C], rewrite=rewrite)
+    assert report(cache, "r")["blended"] is False
+    assert report(cache, "r")["reason"] == PROMPT_CHANGED
+    assert cache.admission.blend_request("r") is None
+    assert cache.chunk_stats().locked_size == 0
+    assert cache.token_to_kv_pool_allocator.available_size() == free_before
+    cache.admission.release("r")
+    check_pool(cache)
+
+
+def test_no_exception_from_chunk_handling_reaches_the_scheduler(cache, monkeypatch):
+    """Issue 25 G1, the class: whatever a request's chunk lookup or admission raises stays
+    inside the cache (logged), and the request is served unblended."""
+    insert_chunk(cache, A)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("index failure")
+
+    monkeypatch.setattr(cache.chunk_index, "match", boom)
+    req = chunked_req("r", [A, C])
+    params = MatchPrefixParams(key=RadixKey(array("q", req.origin_input_ids),
+                                            extra_key=req.extra_key), req=req)
+    cache.match_prefix(params)
+    admit(cache, "r", [A, C])
+    assert cache.admission.blend_request("r") is None
+    monkeypatch.undo()
+    cache.admission.release("r")
+    check_pool(cache)
+
+
+def test_a_precompute_whose_prompt_sglang_rewrote_stores_nothing(cache):
+    """Issue 25 G1 on the precompute path: a truncated precompute must not file a shorter
+    chunk (or raise) under the layout's span."""
+    layout = ChunkLayout(True, ((1, 21),), SINK, None).for_prompt([*SINK, *A])
+    req = SimpleNamespace(rid="p", origin_input_ids=[*SINK, *A][:10], cache_salt=None,
+                          extra_key=None, kv_hints=envelope_with(None, layout, "p"))
+    from sglang_cacheblend.srt.scheduler_view import hand_off_precompute
+
+    hand_off_precompute(cache, req, layout, up_to=10)  # returns before touching the row
+    assert cache.chunk_stats().total_size == 0
     check_pool(cache)

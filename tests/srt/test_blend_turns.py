@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from sglang_cacheblend.chunks import ChunkedPrompt, chunk_hints, precompute_hints
-from sglang_cacheblend.eval.dataset import build_prompt, load_items, tokenize_prompt
+from sglang_cacheblend.dataset import build_prompt, load_items, tokenize_prompt
 
 SAMPLE = Path(__file__).parent.parent / "data" / "musique_sample.json"
 
@@ -61,7 +61,11 @@ def _chunk_tokens(prompt: ChunkedPrompt) -> int:
     return sum(end - start for start, end in prompt.spans)
 
 
-def test_missed_chunks_are_computed_standalone_and_hit_by_the_next_request(server, encode):
+def test_missed_chunks_are_computed_standalone_and_hit_by_the_next_request(standalone_server,
+                                                                            encode):
+    """On ``standalone_server``: the token accounting is of chunks computed after the sink only,
+    and the two ways of computing them are compared in fp32."""
+    server = standalone_server
     salt = uuid.uuid4().hex
     index_before = _state(server)["chunk_index"]
     first = _prompt(encode, 0)

@@ -105,7 +105,7 @@ def test_reordered_chunks_hit_and_blend_at_the_server_ratio(server, tokenizer):
     reordered = RagPrompt(tokenizer, _item(2), [2, 1, 0])
     out, stats, pool = _generate(server, reordered, salt, ratio=None)
     assert stats["reused_tokens"] == reordered.chunk_tokens
-    # The server runs with --cacheblend-recompute-ratio 0.2: far fewer rows than a full prefill.
+    # The server runs with the default ratio (0.15): far fewer rows than a full prefill.
     assert stats["recomputed_rows"] < 0.5 * stats["full_rows"]
     assert len(out["output_ids"]) == 8
     assert pool["protected"] == 0 and pool["available"] + pool["evictable"] == pool["total"]

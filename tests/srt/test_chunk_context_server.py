@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from sglang_cacheblend.chunks import builtin_context, chunk_hints, precompute_hints
-from tests.conftest import running_server
+from tests.conftest import FLOAT32, running_server
 from tests.srt.exactness import assert_nothing_held, cacheblend_report
 from tests.srt.exactness import max_abs_diff as _max_diff
 from tests.srt.exactness import output_logprobs as _logprobs
@@ -40,7 +40,9 @@ def context_ids(model_path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
-    args = ["--enable-cacheblend", "--cacheblend-chunk-context", CONTEXT,
+    # fp32: the exactness checks compare logprobs to 2e-3, which bf16 rounding alone exceeds
+    # (test_served_dtype_server.py holds what bf16 promises).
+    args = ["--enable-cacheblend", *FLOAT32, "--cacheblend-chunk-context", CONTEXT,
             "--cacheblend-min-reused-tokens", "16"]
     with running_server(model_path, tmp_path_factory.mktemp("chunk_context"), args) as proc:
         yield proc

@@ -106,11 +106,13 @@ def _run_tokenizer_hook(manager, obj):
 def test_tokenizer_hook_writes_the_request_and_keeps_other_kv_hints(tokenizer, monkeypatch):
     from types import SimpleNamespace
 
-    from sglang_cacheblend.srt.chunk_request import SERVER_ACTION, chunk_request_of
-    from sglang_cacheblend.srt.server_options import ENV_VAR, ServerOptions
+    from sglang_cacheblend.options import ENV_VAR, ServerOptions
+    from sglang_cacheblend.srt.layout_envelope import SERVER_ACTION, layout_of
 
-    # Chunks this short are below the server's default minimum: allow them here.
-    monkeypatch.setenv(ENV_VAR, ServerOptions(enabled=True, min_chunk_tokens=1).to_env())
+    # Chunks this short are below the server's default minimum: allow them here; standalone
+    # chunk KV (no chunk context), so a precompute is the sink and the chunk.
+    monkeypatch.setenv(ENV_VAR, ServerOptions(enabled=True, min_chunk_tokens=1,
+                                              chunk_context="").to_env())
     manager = SimpleNamespace(tokenizer=tokenizer, context_len=8192,
                               model_config=SimpleNamespace(num_hidden_layers=30))
     plain = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
@@ -123,8 +125,10 @@ def test_tokenizer_hook_writes_the_request_and_keeps_other_kv_hints(tokenizer, m
     assert [a.action_type for a in tokenized.kv_hints.actions] == ["other.hint", SERVER_ACTION]
     req = SimpleNamespace(kv_hints=tokenized.kv_hints, origin_input_ids=obj.input_ids, rid="r")
     start = len(plain("Q "))
-    request = chunk_request_of(req)
+    request = layout_of(req)
     assert request.spans == ((start, start + len(plain("alpha beta"))),)
+    assert request.fits_prompt(obj.input_ids)  # bound to the final ids (issue 25 G1)
+    assert not request.fits_prompt(obj.input_ids[:-1])
     assert request.sink == (tokenizer.bos_token_id,) and request.blend is not None
     assert tokenized.extra_key.startswith("cacheblend:v1:")
 
@@ -132,7 +136,7 @@ def test_tokenizer_hook_writes_the_request_and_keeps_other_kv_hints(tokenizer, m
     obj = _normalized_request(input_ids=list(ids), kv_hints=precompute_hints())
     tokenized = _run_tokenizer_hook(manager, obj)
     assert obj.input_ids == [tokenizer.bos_token_id, *ids]  # the sink, then the chunk
-    request = chunk_request_of(SimpleNamespace(kv_hints=tokenized.kv_hints, rid="p"))
+    request = layout_of(SimpleNamespace(kv_hints=tokenized.kv_hints, rid="p"))
     assert request.precompute and request.spans == ((1, 1 + len(ids)),)
     assert request.blend is None
 
@@ -140,8 +144,8 @@ def test_tokenizer_hook_writes_the_request_and_keeps_other_kv_hints(tokenizer, m
 def test_tokenizer_hook_puts_the_chunk_context_before_precomputed_chunks(tokenizer, monkeypatch):
     from types import SimpleNamespace
 
-    from sglang_cacheblend.srt.chunk_request import chunk_request_of
-    from sglang_cacheblend.srt.server_options import ENV_VAR, ServerOptions
+    from sglang_cacheblend.options import ENV_VAR, ServerOptions
+    from sglang_cacheblend.srt.layout_envelope import layout_of
 
     text = "Some preceding text for every chunk.\n\n"
     monkeypatch.setenv(ENV_VAR, ServerOptions(enabled=True, min_chunk_tokens=1,
@@ -155,7 +159,7 @@ def test_tokenizer_hook_puts_the_chunk_context_before_precomputed_chunks(tokeniz
         obj = _normalized_request(input_ids=list(ids),
                                   kv_hints=precompute_hints(chunk_context=choice))
         tokenized = _run_tokenizer_hook(manager, obj)
-        request = chunk_request_of(SimpleNamespace(kv_hints=tokenized.kv_hints, rid="p"))
+        request = layout_of(SimpleNamespace(kv_hints=tokenized.kv_hints, rid="p"))
         prefix = [tokenizer.bos_token_id, *(context if choice is None else [])]
         assert obj.input_ids == [*prefix, *ids]
         assert request.spans == ((len(prefix), len(prefix) + len(ids)),)
@@ -176,7 +180,7 @@ def test_tokenizer_hook_puts_the_chunk_context_before_precomputed_chunks(tokeniz
 def test_tokenizer_hook_is_inert_without_enable_cacheblend(tokenizer, monkeypatch):
     from types import SimpleNamespace
 
-    from sglang_cacheblend.srt.server_options import ENV_VAR
+    from sglang_cacheblend.options import ENV_VAR
 
     monkeypatch.delenv(ENV_VAR, raising=False)
     manager = SimpleNamespace(tokenizer=tokenizer, context_len=8192,
@@ -242,8 +246,13 @@ def test_bad_markers_and_spans_get_400_naming_the_problem_and_the_server_keeps_s
 # ------------------------------------------------------------------------------ three ways
 
 
-def test_frontend_generate_and_openai_give_the_same_tokens_and_answer(server, tokenizer):
+def test_frontend_generate_and_openai_give_the_same_tokens_and_answer(standalone_server,
+                                                                        tokenizer):
+    """On ``standalone_server``: the chunk-index counts are of the chunks alone (the shipped
+    chunk context's own entry is a miss of whichever request computes it first)."""
     import sglang as sgl
+
+    server = standalone_server
 
     a, b, c = _passages(3)
     content = f"Passages:\n{cb.chunk(a)}\n{cb.chunk(b)}\n{cb.chunk(c)}\nWhere is the Eiffel Tower?"
@@ -301,7 +310,9 @@ def test_frontend_generate_and_openai_give_the_same_tokens_and_answer(server, to
 # ------------------------------------------------------------------------------ precompute
 
 
-def test_precomputed_chunks_are_found_in_any_order_and_position(server, tokenizer):
+def test_precomputed_chunks_are_found_in_any_order_and_position(standalone_server, tokenizer):
+    """On ``standalone_server``: each precompute's prompt is the sink and the chunk alone."""
+    server = standalone_server
     a, b, c, d, e = _passages(5)
     plain = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     before = _state(server)
@@ -412,7 +423,7 @@ def test_spans_are_checked_against_the_ids_sglang_keeps(tokenizer, monkeypatch):
 
     import pytest
 
-    from sglang_cacheblend.srt.server_options import ENV_VAR, ServerOptions
+    from sglang_cacheblend.options import ENV_VAR, ServerOptions
     from sglang_cacheblend.srt.tokenizer_hooks import tokenize_with_chunks
 
     monkeypatch.setenv(ENV_VAR, ServerOptions(enabled=True).to_env())
@@ -433,8 +444,9 @@ def test_spans_are_checked_against_the_ids_sglang_keeps(tokenizer, monkeypatch):
 def test_tokenizer_hook_puts_a_family_members_own_context_before_it(tokenizer, monkeypatch):
     from types import SimpleNamespace
 
-    from sglang_cacheblend.srt.chunk_request import ChunkRequest, chunk_request_of
-    from sglang_cacheblend.srt.server_options import ENV_VAR, ServerOptions
+    from sglang_cacheblend.options import ENV_VAR, ServerOptions
+    from sglang_cacheblend.serving.layout import ChunkLayout
+    from sglang_cacheblend.srt.layout_envelope import layout_of
 
     monkeypatch.setenv(ENV_VAR, ServerOptions(enabled=True, min_chunk_tokens=1,
                                               chunk_context="Server text.\n\n").to_env())
@@ -446,12 +458,12 @@ def test_tokenizer_hook_puts_a_family_members_own_context_before_it(tokenizer, m
     obj = _normalized_request(input_ids=list(ids), kv_hints=precompute_hints(
         context_family="random-3", context_ids=own))
     tokenized = _run_tokenizer_hook(manager, obj)
-    request = chunk_request_of(SimpleNamespace(kv_hints=tokenized.kv_hints, rid="p"))
+    request = layout_of(SimpleNamespace(kv_hints=tokenized.kv_hints, rid="p"))
     bos = tokenizer.bos_token_id
     assert obj.input_ids == [bos, *own, *ids]  # its own context, not the server's
     assert request.context == tuple(own) and request.family == "random-3"
     assert request.variant == f"standalone-after:{bos}+family:random-3"
-    assert ChunkRequest.from_payload(request.to_payload()) == request
+    assert ChunkLayout.from_payload(request.to_payload()) == request
     # A blended request names the family only; its blended prefix is its own.
     keys = set()
     for family in (None, "random-3"):
@@ -459,7 +471,7 @@ def test_tokenizer_hook_puts_a_family_members_own_context_before_it(tokenizer, m
             [(0, len(ids))], context_family=family))
         tokenized = _run_tokenizer_hook(manager, obj)
         keys.add(tokenized.extra_key)
-        blended = chunk_request_of(SimpleNamespace(kv_hints=tokenized.kv_hints, rid="b"))
+        blended = layout_of(SimpleNamespace(kv_hints=tokenized.kv_hints, rid="b"))
         assert blended.context == (() if family else blended.context)
         assert (blended.family == "random-3") == (family is not None)
     assert len(keys) == 2
@@ -467,3 +479,35 @@ def test_tokenizer_hook_puts_a_family_members_own_context_before_it(tokenizer, m
         context_family="random-3", context_ids=[49152]))
     with pytest.raises(ValueError, match="vocabulary"):
         _run_tokenizer_hook(manager, obj)
+
+
+def test_a_missed_chunk_with_its_sink_and_context_fits_the_models_positions(tokenizer,
+                                                                           monkeypatch):
+    """Issue 25 G10: a chunk up to ``context_len`` long was accepted, but a miss is computed
+    after the sink and the server's chunk context, past the model's last position."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import pytest
+
+    from sglang_cacheblend.options import ENV_VAR, ServerOptions
+    from sglang_cacheblend.srt.tokenizer_hooks import tokenize_with_chunks
+
+    context = "Some preceding text for every chunk.\n\n"
+    monkeypatch.setenv(ENV_VAR, ServerOptions(enabled=True, chunk_context=context).to_env())
+    manager = SimpleNamespace(tokenizer=tokenizer, context_len=120,
+                              model_config=SimpleNamespace(num_hidden_layers=30))
+    prefix_len = 1 + len(tokenizer.encode(context, add_special_tokens=False))
+
+    async def keep(_manager, request):
+        return SimpleNamespace(input_ids=list(request.input_ids), kv_hints=request.kv_hints,
+                               extra_key=request.extra_key)
+
+    fits = 120 - prefix_len
+    obj = _normalized_request(input_ids=list(range(1000, 1000 + fits + 1)),
+                              kv_hints=chunk_hints([(0, fits)]))
+    asyncio.run(tokenize_with_chunks(keep, manager, obj))  # the longest chunk that fits
+    obj = _normalized_request(input_ids=list(range(1000, 1000 + fits + 2)),
+                              kv_hints=chunk_hints([(0, fits + 1)]))
+    with pytest.raises(ValueError, match=f"more than the limit of {fits}"):
+        asyncio.run(tokenize_with_chunks(keep, manager, obj))

@@ -8,7 +8,9 @@ from pathlib import Path
 import requests
 
 from sglang_cacheblend.chunks import chunk_hints
-from sglang_cacheblend.eval.quality import QualityConfig, evaluate, summarize_modes, write_report
+from sglang_cacheblend.eval.quality.modes import QualityConfig
+from sglang_cacheblend.eval.quality.report import summarize_modes, write_report
+from sglang_cacheblend.eval.quality.run import evaluate
 
 SAMPLE = Path(__file__).parent.parent / "data" / "musique_sample.json"
 

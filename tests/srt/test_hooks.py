@@ -13,13 +13,13 @@ import pytest
 pytest.importorskip("sglang")
 from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
 
-from sglang_cacheblend.srt import hooks  # noqa: E402
-from sglang_cacheblend.srt.cpu_rotary import native_rotary_init  # noqa: E402
-from sglang_cacheblend.srt.server_options import (  # noqa: E402
+from sglang_cacheblend.options import (  # noqa: E402
     ENV_VAR,
     NATIVE_ROTARY_ENV_VAR,
     ServerOptions,
 )
+from sglang_cacheblend.srt import hooks  # noqa: E402
+from sglang_cacheblend.srt.cpu_rotary import native_rotary_init  # noqa: E402
 
 ALL_TARGETS = {hook.target for hook in hooks.HOOKS}
 

@@ -1,9 +1,11 @@
 """``sglang-cacheblend ingest`` against a real server: what it stores is what requests hit.
 
-Uses the session ``server`` (``--enable-cacheblend``) under a cache_salt of this module's own,
-so no other test's chunks count. The module fixture ingests a small JSONL corpus once; the tests
-then mark several of its chunks in an order no request used, rerun the ingest, and send token
-windows whose server-side tokenization the ingest checks against its own.
+Uses the session ``server`` (the shipped defaults, so chunk KV is computed after the builtin
+chunk context) under a cache_salt of this module's own, so no other test's chunks count. The
+module fixture ingests a small JSONL corpus once; the tests then mark several of its chunks in
+an order no request used, rerun the ingest, and send token windows whose server-side
+tokenization the ingest checks against its own. One test ingests a folder into a disk tier
+through a server the ingest starts itself, then serves it from a restarted one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import requests
 
 from sglang_cacheblend.chunks import chunk
 from sglang_cacheblend.cli import build_parser, main
+from tests.conftest import SHIPPED_BLEND_ARGS, free_port, running_server
 
 DOCS = [
     {"id": "seine", "text": "Paris lies on the Seine, which flows through the city from east to "
@@ -162,3 +165,64 @@ def test_ingest_into_a_context_family_files_each_chunk_after_its_bm25_neighbours
     inserts = _chunk_inserts(server)
     assert main(_argv(corpus, server, salt, tmp_path, "--context-family", "bm25:1")) == 0
     assert _chunk_inserts(server) == inserts
+
+
+FOLDER = {
+    "doc0.txt": "The Rhine rises in the Swiss Alps and flows north through Lake Constance, then "
+                "west along the border with Germany, past Basel, and north again through the "
+                "Rhine valley between the Black Forest and the Vosges. Below Mainz it cuts a "
+                "narrow gorge through the Rhenish Slate Mountains, famous for its castles, its "
+                "vineyards and the rock of the Lorelei, before it widens past Cologne and "
+                "Duisburg and splits into several arms in the Netherlands on its way to the "
+                "North Sea.",
+    "doc1.txt": "Lisbon is the capital of Portugal and lies on the estuary of the Tagus, where "
+                "the river meets the Atlantic Ocean. An earthquake, a fire and a tsunami "
+                "destroyed most of the city in 1755, and the Marquis of Pombal rebuilt its "
+                "lower town on a grid of wide streets. Its hills are climbed by old yellow "
+                "trams, and the tower of Belem and the Jeronimos monastery recall the voyages "
+                "that left from its harbour in the age of discovery.",
+    "doc2.txt": "The Baltic Sea is a shallow arm of the Atlantic Ocean enclosed by Sweden, "
+                "Finland, Russia, the Baltic states, Poland, Germany and Denmark. Its water is "
+                "brackish, because many rivers bring fresh water and only narrow straits join "
+                "it to the North Sea, so few marine species live in its northern gulfs. In "
+                "winter the Gulf of Bothnia freezes over, and icebreakers keep the ports of "
+                "northern Sweden and Finland open for ships.",
+}
+
+
+def test_ingest_with_the_shipped_defaults_fills_a_disk_tier_a_restarted_server_serves(
+        model_path, tmp_path):
+    """Regression (issue 24): ``sglang-cacheblend ingest DIR`` against a server with the
+    shipped default flags (chunk KV computed after the builtin context) stopped at its first
+    batch, counting the context's tokens as the chunk's. Now every chunk lands in the disk tier
+    the ingest's own server writes, and a server restarted on that tier serves all of them to
+    a blended request that marks them, none computed again."""
+    from sglang_cacheblend.ingest import runner
+
+    folder, tier = tmp_path / "docs", tmp_path / "tier"
+    folder.mkdir()
+    for name, text in FOLDER.items():
+        (folder / name).write_text(text)
+    args, rest = build_parser().parse_known_args([
+        "ingest", str(folder), "--split", "none", "--batch", "2", "--no-progress",
+        "--port", str(free_port()), "--model-path", str(model_path),
+        "--cacheblend-disk-tier-dir", str(tier)])
+    summary = runner.run(args, rest)
+    assert summary.error is None and summary.ok, summary.render()
+    assert summary.precomputed == summary.chunks == len(FOLDER)
+    assert len(list(tier.glob("*.safetensors"))) == len(FOLDER)
+
+    log_dir = tmp_path / "restarted"
+    log_dir.mkdir()
+    with running_server(model_path, log_dir, [*SHIPPED_BLEND_ARGS,
+                                              "--cacheblend-disk-tier-dir", str(tier)]) as server:
+        text = ("Passages:\n" + "".join(chunk(FOLDER[name]) for name in sorted(FOLDER)[::-1])
+                + "\nQuestion: Which river flows past Basel?")
+        reply = requests.post(server.base_url + "/generate", timeout=600, json={
+            "text": text, "sampling_params": {"temperature": 0, "max_new_tokens": 1}})
+        assert reply.status_code == 200, reply.text
+        report = reply.json()["meta_info"]["cacheblend"][0]
+    assert report["blended"] and report["chunks"] == len(FOLDER), report
+    assert report["chunk_context_tokens"] > 0, report  # the shipped context, not standalone KV
+    assert report["chunk_sources"].get("disk") == len(FOLDER), report
+    assert report["chunk_sources"]["computed"] == 0, report

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from sglang_cacheblend.chunks import chunk_hints, precompute_hints
-from tests.conftest import running_server
+from tests.conftest import FLOAT32, STANDALONE_CHUNKS, running_server
 
 TIMEOUT = 600
 POOL = 6000
@@ -24,7 +24,9 @@ POOL = 6000
 
 @pytest.fixture(scope="module")
 def small_server(model_path, tmp_path_factory):
-    args = ["--enable-cacheblend", "--max-total-tokens", str(POOL)]
+    # The finding's own setup (standalone chunk KV: 8 x 475 chunk tokens are all the pool
+    # holds besides the sink); fp32, as the fallback's answer is compared with full prefill's.
+    args = ["--enable-cacheblend", *FLOAT32, *STANDALONE_CHUNKS, "--max-total-tokens", str(POOL)]
     with running_server(model_path, tmp_path_factory.mktemp("small_server"), args) as proc:
         yield proc
 

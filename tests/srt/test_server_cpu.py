@@ -9,7 +9,7 @@ import requests
 import torch
 
 from sglang_cacheblend.launch import cpu_dtype
-from tests.conftest import SERVER_BLEND_ARGS
+from tests.conftest import NON_DEFAULT_RATIO
 
 # The dtype the server runs in on this CPU (``serve`` picks it); transformers runs the same.
 DTYPE = getattr(torch, cpu_dtype())
@@ -75,14 +75,16 @@ def test_chat_completion_answers(server):
     assert "Paris" in response.json()["choices"][0]["message"]["content"]
 
 
-def test_plugin_is_active_in_scheduler_process(server):
+def test_plugin_is_active_in_scheduler_process(standalone_server):
+    """On the server launched with a non-default ratio, so the flag's value is what is seen."""
+    server = standalone_server
     info = requests.get(server.base_url + "/server_info", timeout=60).json()
     report = info["internal_states"][0]["cacheblend"]
     assert report["plugin_loaded"] is True
     # The scheduler runs in its own process, and sees the flags given at launch.
     assert report["pid"] != server.pid
     assert report["enabled"] is True
-    assert report["blend"]["recompute_ratio"] == float(SERVER_BLEND_ARGS[2])
+    assert report["blend"]["recompute_ratio"] == NON_DEFAULT_RATIO
     assert "--enable-cacheblend" in info["launch_command"]
 
 

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 from sglang_cacheblend.eval.soak import SoakConfig, run_soak
-from tests.conftest import running_server
+from tests.conftest import FLOAT32, STANDALONE_CHUNKS, running_server
 
 
 @pytest.fixture(scope="module")
 def soak_server(model_path, tmp_path_factory):
-    args = ["--enable-cacheblend", "--max-total-tokens", "4000"]
+    # fp32: every answer is compared with the same request served alone, in another batch.
+    args = ["--enable-cacheblend", *FLOAT32, *STANDALONE_CHUNKS, "--max-total-tokens", "4000"]
     with running_server(model_path, tmp_path_factory.mktemp("soak_server"), args) as proc:
         yield proc
 

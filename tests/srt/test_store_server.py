@@ -17,7 +17,7 @@ import requests
 
 from sglang_cacheblend.chunks import chunk_hints, precompute_hints
 from sglang_cacheblend.chunks.client import wait_for_store_writes
-from tests.conftest import running_server
+from tests.conftest import FLOAT32, STANDALONE_CHUNKS, running_server
 
 TIMEOUT = 600
 POOL = 6000
@@ -28,8 +28,12 @@ QUESTION = list(range(2000, 2020))
 # Enough other chunks to push CHUNKS (and the first request's prefix-tree entry) out of the pool.
 FILLERS = [[rng.randrange(1000, 40000) for _ in range(CHUNK_LEN)]
            for _ in range(POOL // CHUNK_LEN + 2)]
-COMMON = ["--enable-cacheblend", "--max-total-tokens", str(POOL),
-          "--cacheblend-min-reused-tokens", "16"]
+# fp32: the answers from the pool, host RAM and disk are compared token for token, across two
+# servers; a bf16 server's restart answered otherwise (greedy tokens of a random-token prompt
+# part on near-ties, which bf16 rounding reaches). Standalone chunk KV: the chunk, file and
+# tier counts below are the chunks' own, no context entry among them.
+COMMON = ["--enable-cacheblend", *FLOAT32, *STANDALONE_CHUNKS, "--max-total-tokens",
+          str(POOL), "--cacheblend-min-reused-tokens", "16"]
 
 
 def _precompute(server, chunks) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from sglang_cacheblend.chunks import ChunkedPrompt, chunk_hints, precompute_hints, sink_ids
 from sglang_cacheblend.config import BlendConfig
-from sglang_cacheblend.eval.dataset import build_prompt, load_items, tokenize_prompt
+from sglang_cacheblend.dataset import build_prompt, load_items, tokenize_prompt
 from tests.conftest import STANDALONE_CHUNKS, free_port
 
 SAMPLE = Path(__file__).parent.parent / "data" / "musique_sample.json"

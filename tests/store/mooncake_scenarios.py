@@ -218,7 +218,10 @@ def reads_during_writes(tier) -> dict:
 
 
 def scenario_master_killed(service) -> dict:
-    """(c) The master dies: every call returns within timeout_s + 1 s, one warning, no raise."""
+    """(c) The master dies: every call returns within timeout_s + 1 s, one warning, and no
+    raise but a put's NotStored (the store counts it)."""
+    from sglang_cacheblend.store.tier import NotStored
+
     timeout_s = 2.0
     warnings = watch_tier_warnings()
     tier = tier_for(service.master_addr, service.metadata_url, timeout_s=timeout_s, retry_s=1.0)
@@ -236,7 +239,10 @@ def scenario_master_killed(service) -> dict:
             if what == "get":
                 result = tier.get("aa") is not None
             elif what == "put":
-                result = tier.put("bb", small)
+                try:
+                    result = tier.put("bb", small)
+                except NotStored:
+                    result = "not stored"
             else:
                 result = tier.remove("aa")
             error = None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 
 import pytest
 import torch
@@ -102,6 +104,7 @@ def test_queued_writes_are_served_bounded_and_failures_counted():
     assert store.flush(10)
     stats = store.stats()
     assert stats["failed_writes"] == 1 and stats["queued_writes"] == 0
+    assert stats["unstored_writes"] == 2 and stats["stored_writes"] == 2  # k3 skipped, bad failed
     assert sorted(slow.entries) == ["k1", "k2"]
     store.close()
 
@@ -125,3 +128,105 @@ def test_config_builds_the_tiers_and_refuses_non_loopback(tmp_path):
         StoreConfig(policy="write-back")
     with pytest.raises(ValueError, match="at least one tier"):
         ChunkStore()
+
+
+# --- faults (review 2: G6-G9, G13) --------------------------------------------------------------
+
+class RaisingTier(SlowTier):
+    """A tier whose reads raise (a file of another user, a vanished file, a broken backend)."""
+
+    def get(self, key):
+        raise PermissionError(13, "Permission denied")
+
+    def remove(self, key):
+        raise PermissionError(13, "Permission denied")
+
+
+def test_a_tier_whose_read_raises_is_a_miss_and_the_next_tier_is_asked(tmp_path):
+    disk = DiskTier(tmp_path, 10 * ONE)
+    disk.put("aa", kv(1))
+    store = ChunkStore(host=RaisingTier(), persistent=[("broken", RaisingTier()),
+                                                       ("disk", disk)])
+    hit = store.get("aa")
+    assert hit is not None and hit.tier == "disk" and same(hit.kv, kv(1))
+    assert store.get("bb") is None
+    assert store.stats()["read_errors"] == 4  # host and "broken", for each key
+    store.close()
+
+
+def test_the_writer_queue_is_bounded_in_bytes(tmp_path):
+    slow = SlowTier()
+    store = ChunkStore(persistent=[("disk", slow)], max_queued_bytes=2 * ONE + ONE // 2)
+    store.persist("k0", kv(0))
+    assert slow.started.wait(10)  # the writer holds k0; it counts until written
+    store.persist("k1", kv(1))
+    store.persist("k2", kv(2))  # 3 chunks would pass 2.5 chunks' bytes: skipped
+    stats = store.stats()
+    assert (stats["queued_writes"], stats["queued_bytes"]) == (2, 2 * ONE)
+    assert stats["skipped_writes"] == stats["unstored_writes"] == 1
+    assert store.get("k2") is None
+    slow.release.set()
+    assert store.flush(10) and store.stats()["queued_bytes"] == 0
+    big = kv(3, tokens=64)  # larger than the bound: taken when the queue is empty
+    assert big.nbytes > 2 * ONE + ONE // 2
+    store.persist("k3", big)
+    assert store.flush(10) and sorted(slow.entries) == ["k0", "k1", "k3"]
+    assert store.stats()["stored_writes"] == 3
+    store.check_integrity()
+    store.close()
+
+
+def test_writes_not_stored_are_counted_and_logged_once_a_minute(tmp_path, caplog):
+    """A chunk larger than the disk tier, and writes that fail: the store's stats tell a client
+    that they were not stored, and the log says so without a line per write."""
+    store = ChunkStore(persistent=[("disk", DiskTier(tmp_path, 3 * ONE))])  # one small chunk
+    with caplog.at_level(logging.WARNING, logger="sglang_cacheblend.store.chunk_store"):
+        for i in range(6):
+            store.persist(f"b{i}", kv(i, tokens=16))  # each more than the whole tier
+        assert store.flush(10)
+    stats = store.stats()
+    assert stats["rejected_writes"] == stats["unstored_writes"] == 6
+    assert stats["stored_writes"] == 0 and stats["tiers"]["disk"]["rejected"] == 6
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "larger than the disk tier" in warnings[0], warnings
+    store.persist("c1", kv(1))
+    assert store.flush(10) and store.stats()["stored_writes"] == 1
+    assert store.stats()["unstored_writes"] == 6
+    store.check_integrity()
+    store.close()
+
+
+def test_a_host_hit_given_back_unused_stays_in_host_ram(tmp_path):
+    store = ChunkStore(host=HostTier(2 * ONE), persistent=[("disk", DiskTier(tmp_path, 10 * ONE))])
+    store.spill("aa", kv(1))
+    hit = store.get("aa")
+    assert hit.tier == "host" and store.stats()["tiers"]["host"]["entries"] == 0
+    store.give_back("aa", hit.kv, hit.tier)  # e.g. it did not fit the pool
+    again = store.get("aa")
+    assert again.tier == "host" and same(again.kv, kv(1))
+    store.persist("bb", kv(2))
+    assert store.flush(10)
+    disk_hit = store.get("bb")
+    store.give_back("bb", disk_hit.kv, disk_hit.tier)  # still on disk: nothing to do
+    stats = store.stats()
+    assert stats["tiers"]["host"]["entries"] == 0 and stats["given_back"] == 1
+    assert stats["spills"] == 1
+    store.close()
+
+
+def test_close_returns_in_time_when_a_write_hangs():
+    """A writer stuck in a write (a hung network file system) with a full queue: close gives up
+    after its timeout instead of blocking the process's exit."""
+    slow = SlowTier()
+    store = ChunkStore(persistent=[("disk", slow)], max_queued_writes=1)
+    store.persist("k0", kv(0))
+    assert slow.started.wait(10)
+    store.persist("k1", kv(1))  # the queue is full now
+    closer = threading.Thread(target=store.close, args=(0.5,), daemon=True)
+    started = time.monotonic()
+    closer.start()
+    closer.join(10)
+    assert not closer.is_alive() and time.monotonic() - started < 5
+    store.persist("k2", kv(2))  # closed: skipped, counted
+    assert store.stats()["skipped_writes"] == 1
+    slow.release.set()

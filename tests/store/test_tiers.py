@@ -3,12 +3,11 @@ a damaged, foreign or truncated entry."""
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 
 from radix_ext import ChunkNamespace
-from sglang_cacheblend.store import ChunkKV, DiskTier, HostTier, chunk_key
-from sglang_cacheblend.store import disk_tier
+from sglang_cacheblend.store import ChunkKV, DiskTier, HostTier, chunk_key, disk_tier
 
 
 def make_kv(n: int = 5, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> ChunkKV:
@@ -62,9 +61,12 @@ def test_disk_tier_round_trips_and_survives_a_restart(tmp_path):
     key = chunk_key(ChunkNamespace("m"), kv.token_ids)
     tier.put(key, kv)
     assert same(tier.get(key), kv)
+    tier.close()
     restarted = DiskTier(tmp_path, capacity_bytes=10**6)
     assert same(restarted.get(key), kv) and restarted.stats().entries == 1
     assert list(tmp_path.glob(".*.tmp")) == []  # written atomically, nothing left behind
+    restarted.check_integrity()
+    restarted.close()
 
 
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate", "foreign version", "other key"])
@@ -79,6 +81,7 @@ def test_disk_tier_drops_damaged_entries_instead_of_serving_them(tmp_path, damag
     path = tmp_path / f"{key}.safetensors"
     if damage == "other key":
         (tmp_path / f"{other}.safetensors").rename(path)
+        tier.close()
         tier = DiskTier(tmp_path, capacity_bytes=10**6)
     raw = bytearray(path.read_bytes())
     if damage == "flip a byte":
@@ -88,6 +91,8 @@ def test_disk_tier_drops_damaged_entries_instead_of_serving_them(tmp_path, damag
     path.write_bytes(bytes(raw))
     assert tier.get(key) is None
     assert not path.exists() and tier.stats().dropped == 1 and tier.stats().entries == 0
+    tier.check_integrity()
+    tier.close()
 
 
 def test_disk_tier_evicts_the_least_recently_used_files(tmp_path):
@@ -95,6 +100,7 @@ def test_disk_tier_evicts_the_least_recently_used_files(tmp_path):
     tier = DiskTier(tmp_path, capacity_bytes=10**9)
     tier.put("aa", make_kv(seed=1))
     size = tier.stats().bytes
+    tier.close()
     tier = DiskTier(tmp_path, capacity_bytes=2 * size)
     tier.put("bb", make_kv(seed=2))
     tier.get("aa")  # "bb" becomes the oldest
@@ -103,3 +109,5 @@ def test_disk_tier_evicts_the_least_recently_used_files(tmp_path):
     assert tier.stats().evictions == 1 and tier.get("bb") is None
     with pytest.raises(ValueError, match="hex"):
         tier.get("../etc/passwd")
+    tier.check_integrity()
+    tier.close()
