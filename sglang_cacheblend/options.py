@@ -17,9 +17,9 @@ Defaults are the fields' own (a flag's argparse default None means "not given"),
 their dataclass (``BlendConfig.__post_init__`` for a server's flags and a request's overrides
 alike). Adding a knob: a field and one row.
 
-Imports neither torch nor SGLang (clients, the chunk hints and ``ingest`` read it). The store
-package imports torch, and :mod:`sglang_cacheblend.chunks` imports this module, so those two
-are imported where they are used.
+Imports neither torch nor SGLang (clients, the chunk hints and ``ingest`` read it), and nothing
+above it: the store package imports torch, so its config is imported where it is used; the
+chunk context's text comes from :mod:`sglang_cacheblend.context_text`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from sglang_cacheblend.config import BlendConfig
+from sglang_cacheblend.context_text import BUILTIN_CONTEXT, resolve_context
 from sglang_cacheblend.supported_setups import refuse_unsupported_setups
 
 if TYPE_CHECKING:
@@ -55,8 +56,9 @@ MODEL_PACKAGE = "sglang_cacheblend.srt.models"
 NATIVE_ROTARY_ENV_VAR = "SGLANG_CACHEBLEND_NATIVE_ROTARY"
 
 RATIO_POLICIES = ("fixed", "controller")
-"""``fixed``: the configured ratio; ``controller``: the Loading Controller's (hides behind loads)."""
-DEFAULT_CHUNK_CONTEXT = "builtin"
+"""``fixed``: the configured ratio; ``controller``: the Loading Controller's (it hides behind
+loads)."""
+DEFAULT_CHUNK_CONTEXT = BUILTIN_CONTEXT
 """The ``--cacheblend-chunk-context`` every server has unless told otherwise (issue 17)."""
 
 logger = logging.getLogger(__name__)
@@ -103,12 +105,6 @@ def _gradual_steps(steps: Any) -> tuple[tuple[Any, Any], ...]:
     if not all(isinstance(step, (list, tuple)) and len(step) == 2 for step in steps):
         raise ValueError(f"gradual steps must be [layer, ratio] pairs, got {steps!r}")
     return tuple(tuple(step) for step in steps)
-
-
-def _resolve_chunk_context(spec: str) -> str:
-    from sglang_cacheblend.chunks.context import resolve_context
-
-    return resolve_context(spec)
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -170,7 +166,7 @@ SETTINGS: tuple[Setting, ...] = (
             "computed after (then dropped), so reused rows are closer to their KV inside a "
             f"prompt: 'builtin[:N]' (N paragraphs of shipped prose; default "
             f"{DEFAULT_CHUNK_CONTEXT!r}), a UTF-8 file, or 'none' (after the sink only).",
-            type=str, parse=_resolve_chunk_context),
+            type=str, parse=resolve_context),
 )
 
 REQUEST_SETTINGS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.per_request)
@@ -184,7 +180,7 @@ def _store_config_class() -> type[StoreConfig]:
 
 
 def _default_chunk_context() -> str:
-    return _resolve_chunk_context(DEFAULT_CHUNK_CONTEXT)
+    return resolve_context(DEFAULT_CHUNK_CONTEXT)
 
 
 @dataclass(frozen=True)

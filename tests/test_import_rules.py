@@ -115,8 +115,9 @@ def test_chunk_marking_and_config_import_neither_torch_nor_sglang():
 
 @pytest.mark.parametrize("module", [
     "sglang_cacheblend", "sglang_cacheblend.config", "sglang_cacheblend.chunks",
-    "sglang_cacheblend.chunks.client", "sglang_cacheblend.chunks.hints", "sglang_cacheblend.options",
-    "sglang_cacheblend.dataset", "sglang_cacheblend.supported_setups",
+    "sglang_cacheblend.chunks.client", "sglang_cacheblend.chunks.hints",
+    "sglang_cacheblend.options", "sglang_cacheblend.dataset", "sglang_cacheblend.supported_setups",
+    "sglang_cacheblend.context_text",
 ])
 def test_light_modules_load_without_torch_at_runtime(module):
     code = (f"import sys, {module}; "

@@ -24,7 +24,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def test_defaults_are_off_and_blendconfig_defaults():
-    from sglang_cacheblend.chunks import builtin_context
+    from sglang_cacheblend.context_text import builtin_context
 
     opts = options.pop_from_namespace(_parse([]))
     # Chunk KV is computed after the shipped context by default (measured best, issue 17).
@@ -81,7 +81,7 @@ def test_server_flags_parse_among_sglang_flags_with_the_table_parser(tmp_path):
 
 
 def test_the_chunk_context_flag_takes_none_builtin_or_a_file_and_names_itself(tmp_path):
-    from sglang_cacheblend.chunks import builtin_context
+    from sglang_cacheblend.context_text import builtin_context
 
     assert options.pop_from_namespace(_parse(["--cacheblend-chunk-context", "none"])
                                       ).chunk_context == ""

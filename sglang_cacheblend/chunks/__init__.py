@@ -10,13 +10,11 @@ pure Python: no torch, no SGLang (a test enforces it).
 from sglang_cacheblend.chunks.client import precompute_chunks
 from sglang_cacheblend.chunks.context import (
     CONTEXT_CHOICES,
-    builtin_context,
     check_context_ids,
     check_family,
     context_variant,
     family_variant,
     prefix_variant,
-    resolve_context,
 )
 from sglang_cacheblend.chunks.hints import (
     ACTION_CHUNKS,
@@ -49,8 +47,9 @@ from sglang_cacheblend.chunks.tokenization import (
 
 __all__ = [
     "ACTION_CHUNKS", "ACTION_PRECOMPUTE", "ACTION_TYPES", "ACTION_VERSION", "CHUNK_CLOSE",
-    "CHUNK_OPEN", "CONTEXT_CHOICES", "ChunkedPrompt", "ClientAction", "Encode", "Segment", "Span", "chunk",
-    "builtin_context", "check_context_ids", "check_family", "chunk_hints", "contains_markers", "context_variant", "family_variant", "precompute_chunks", "precompute_hints",
-    "precompute_prompt", "prefix_variant", "read_client_action", "resolve_context", "sink_ids", "sink_variant", "special_affixes",
-    "split_chunks", "strip_markers", "tokenize_segments", "validate_spans",
+    "CHUNK_OPEN", "CONTEXT_CHOICES", "ChunkedPrompt", "ClientAction", "Encode", "Segment",
+    "Span", "check_context_ids", "check_family", "chunk", "chunk_hints", "contains_markers",
+    "context_variant", "family_variant", "precompute_chunks", "precompute_hints",
+    "precompute_prompt", "prefix_variant", "read_client_action", "sink_ids", "sink_variant",
+    "special_affixes", "split_chunks", "strip_markers", "tokenize_segments", "validate_spans",
 ]

@@ -13,9 +13,10 @@ passages, its retrieval neighbours, anything a client computes), given with the 
 precompute request; every chunk of the family is then found under one name, whatever its
 context was, so a request asks for "the family" without knowing each chunk's neighbours.
 
-This module is the pure part: which text a server uses (``--cacheblend-chunk-context``), and
-the chunk-namespace variants that name KV computed after a context or in a family, so chunk KV
-of different kinds never mixes in the index or in the store's tiers. No torch, no SGLang.
+This module is the pure part: the chunk-namespace variants that name KV computed after a
+context or in a family, so chunk KV of different kinds never mixes in the index or in the
+store's tiers (which text a server uses is :mod:`sglang_cacheblend.context_text`, a setting's
+value). No torch, no SGLang.
 """
 
 from __future__ import annotations
@@ -23,68 +24,19 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from functools import lru_cache
-from importlib import resources
-from pathlib import Path
 
 from sglang_cacheblend.chunks.tokenization import sink_variant
 
 __all__ = [
-    "BUILTIN_CONTEXT", "CONTEXT_CHOICES", "MAX_CONTEXT_IDS", "builtin_context",
-    "check_context_ids", "check_family", "context_variant", "family_variant", "prefix_variant",
-    "resolve_context",
+    "CONTEXT_CHOICES", "MAX_CONTEXT_IDS", "check_context_ids", "check_family", "context_variant",
+    "family_variant", "prefix_variant",
 ]
 
-BUILTIN_CONTEXT = "builtin"
-"""``--cacheblend-chunk-context builtin[:N]``: the first N paragraphs of the shipped text."""
 CONTEXT_CHOICES = ("server", "none")
 """A request's ``chunk_context``: the server's context, or standalone chunk KV (none)."""
 MAX_CONTEXT_IDS = 65536
 """Most context ids one precompute may carry (the model's context length limits it further)."""
 _FAMILY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
-_BUILTIN_PARAGRAPHS = 3
-_SEPARATOR = "\n\n"
-
-
-@lru_cache(maxsize=1)
-def _builtin_paragraphs() -> tuple[str, ...]:
-    text = resources.files("sglang_cacheblend.chunks").joinpath("chunk_context.txt").read_text(
-        encoding="utf-8")
-    return tuple(p.strip() for p in text.split(_SEPARATOR) if p.strip())
-
-
-def builtin_context(paragraphs: int = _BUILTIN_PARAGRAPHS) -> str:
-    """The first ``paragraphs`` of the shipped context (encyclopedic prose on unrelated
-    topics, written for this project), each followed by a blank line like a RAG passage."""
-    available = _builtin_paragraphs()
-    if not 1 <= paragraphs <= len(available):
-        raise ValueError(f"the builtin chunk context has {len(available)} paragraphs; "
-                         f"asked for {paragraphs}")
-    return "".join(p + _SEPARATOR for p in available[:paragraphs])
-
-
-def resolve_context(value: str | None) -> str:
-    """The context text of a ``--cacheblend-chunk-context`` value ("" for none).
-
-    ``none`` (or empty): chunks are computed after the sink only; ``builtin`` or
-    ``builtin:N``: the shipped text's first N paragraphs (3 by default); anything else: a
-    UTF-8 text file, used as is. Raises ``ValueError`` naming the problem.
-    """
-    if value is None or value.strip() in ("", "none"):
-        return ""
-    value = value.strip()
-    if value == BUILTIN_CONTEXT or value.startswith(BUILTIN_CONTEXT + ":"):
-        count = value.partition(":")[2] or str(_BUILTIN_PARAGRAPHS)
-        if not count.isdigit():
-            raise ValueError(f"chunk context {value!r}: the paragraph count must be an integer")
-        return builtin_context(int(count))
-    path = Path(value)
-    if not path.is_file():
-        raise ValueError(f"chunk context {value!r} is neither 'none', 'builtin[:N]' nor a file")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise ValueError(f"chunk context file {value!r} is empty")
-    return text
 
 
 def context_variant(sink: Sequence[int], context: Sequence[int]) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sglang_cacheblend.chunks import builtin_context
+from sglang_cacheblend.context_text import builtin_context
 from sglang_cacheblend.dataset import QAItem
 from sglang_cacheblend.ingest.neighbours import (
     FAMILY_KINDS,

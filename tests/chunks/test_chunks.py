@@ -293,7 +293,7 @@ def test_the_context_variant_names_the_context_and_keeps_standalone_keys():
 
 
 def test_resolve_context_reads_builtin_paragraphs_files_and_refuses_the_rest(tmp_path):
-    from sglang_cacheblend.chunks import builtin_context, resolve_context
+    from sglang_cacheblend.context_text import builtin_context, resolve_context
 
     assert resolve_context(None) == resolve_context("none") == resolve_context(" ") == ""
     one, three = resolve_context("builtin:1"), resolve_context("builtin")

@@ -80,7 +80,7 @@ def test_family_modes_reuse_and_blend_at_the_main_ratio_and_label_the_upper_boun
 
 
 def test_fixed_contexts_are_the_shipped_paragraphs_before_every_chunk():
-    from sglang_cacheblend.chunks import builtin_context
+    from sglang_cacheblend.context_text import builtin_context
 
     items = _items()
     item = items[2]

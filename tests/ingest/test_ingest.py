@@ -499,7 +499,7 @@ def _folder_corpus(tmp_path: Path, count: int = 3) -> Path:
 def test_the_tokenized_alike_check_counts_the_context_before_each_chunk(model_codec):
     """Regression: the server's ``prompt_tokens`` of a precompute holds its chunk context, which
     the check counted as the chunk's own tokens."""
-    from sglang_cacheblend.chunks import builtin_context
+    from sglang_cacheblend.context_text import builtin_context
     from sglang_cacheblend.ingest import runner
     from sglang_cacheblend.ingest.corpus import Chunk
 
@@ -520,7 +520,7 @@ def test_ingest_against_a_server_with_the_default_chunk_context_completes(
     tokens, ingest into 590": the difference is the shipped context's tokens."""
     import sglang_cacheblend.chunks as chunks_pkg
     from sglang_cacheblend import launch
-    from sglang_cacheblend.chunks import builtin_context
+    from sglang_cacheblend.context_text import builtin_context
     from sglang_cacheblend.ingest import runner
 
     served: list[int] = []

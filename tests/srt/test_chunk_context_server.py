@@ -14,7 +14,8 @@ import random
 import pytest
 import requests
 
-from sglang_cacheblend.chunks import builtin_context, chunk_hints, precompute_hints
+from sglang_cacheblend.chunks import chunk_hints, precompute_hints
+from sglang_cacheblend.context_text import builtin_context
 from tests.conftest import FLOAT32, running_server
 from tests.srt.exactness import assert_nothing_held, cacheblend_report
 from tests.srt.exactness import max_abs_diff as _max_diff

@@ -20,7 +20,8 @@ import uuid
 import pytest
 import requests
 
-from sglang_cacheblend.chunks import builtin_context, chunk_hints, precompute_hints
+from sglang_cacheblend.chunks import chunk_hints, precompute_hints
+from sglang_cacheblend.context_text import builtin_context
 from tests.srt.exactness import agrees_within, cacheblend_report
 
 TIMEOUT = 600

@@ -280,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = "python -m sglang_cacheblend.eval.offline.selection_ceiling " + shlex.join(
         sys.argv[1:] if argv is None else argv)
 
-    from sglang_cacheblend.chunks import resolve_context
+    from sglang_cacheblend.context_text import resolve_context
 
     ops, encode, _, stop_ids, sink = load_offline_model(torch.float32)
     context = resolve_context(args.chunk_context)
