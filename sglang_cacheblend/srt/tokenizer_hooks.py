@@ -129,6 +129,10 @@ def _decide(manager: Any, obj: GenerateReqInput, options: ServerOptions,
         return None
     if obj.input_embeds is not None:
         raise ValueError("CacheBlend chunks need text or input_ids, not input_embeds")
+    if getattr(obj, "positional_embed_overrides", None) is not None:
+        # Chunk KV is keyed by token ids alone: KV of overridden embeddings would be filed
+        # under the plain tokens' key and served to requests without them (issue 25 G12).
+        raise ValueError("CacheBlend chunks cannot be combined with positional_embed_overrides")
     tokenizer = ChunkTokenizer(manager.tokenizer)
     limit = manager.context_len
     sink = tokenizer.sink()

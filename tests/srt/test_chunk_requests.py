@@ -511,3 +511,28 @@ def test_a_missed_chunk_with_its_sink_and_context_fits_the_models_positions(toke
                               kv_hints=chunk_hints([(0, fits + 1)]))
     with pytest.raises(ValueError, match=f"more than the limit of {fits}"):
         asyncio.run(tokenize_with_chunks(keep, manager, obj))
+
+
+def test_chunks_with_positional_embed_overrides_are_refused(tokenizer, monkeypatch):
+    """Issue 25 G12: a precompute with overridden embeddings filed that KV under the plain
+    tokens' key, for every later request of those tokens."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import pytest
+
+    from sglang_cacheblend.options import ENV_VAR, ServerOptions
+    from sglang_cacheblend.srt.tokenizer_hooks import tokenize_with_chunks
+
+    monkeypatch.setenv(ENV_VAR, ServerOptions(enabled=True).to_env())
+    manager = SimpleNamespace(tokenizer=tokenizer, context_len=8192,
+                              model_config=SimpleNamespace(num_hidden_layers=30))
+
+    async def never(_manager, request):
+        raise AssertionError("SGLang's tokenization must not run")
+
+    for hints in (precompute_hints(), chunk_hints([(0, 40)])):
+        obj = _normalized_request(input_ids=list(range(1000, 1050)), kv_hints=hints)
+        obj.positional_embed_overrides = {"positions": [0]}
+        with pytest.raises(ValueError, match="positional_embed_overrides"):
+            asyncio.run(tokenize_with_chunks(never, manager, obj))
