@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 import torch
@@ -70,7 +71,9 @@ class BlendedExtendMixin:
         self._blend_ops = SGLangDecoderOps(self)
         self._blend_rotary = RotaryConfig.from_hf_config(self.config)
         self._blend_pipelined = current_options().pipeline_loads
-        self.last_blend_stats: dict[str, dict[str, float]] = {}
+        # Totals over every blended extend, for /server_info: no request ids, no per-request
+        # figures (each request's own accounting goes to its own meta_info only).
+        self.blend_totals: Counter[str] = Counter()
 
     @torch.no_grad()
     def forward(self, input_ids, positions, forward_batch, input_embeds=None,
@@ -166,7 +169,11 @@ class BlendedExtendMixin:
                 "blend_time_s": round(time.perf_counter() - started - standalone_s, 6),
             }
             offset += extend_len
-        self.last_blend_stats = stats
+        self.blend_totals.update(
+            blended_requests=sum(o.blended for o in outcomes.values()),
+            fallbacks=sum(not o.blended for o in outcomes.values()),
+            reused_tokens=sum(s["reused_tokens"] for s in stats.values()),
+            recomputed_rows=sum(s["recomputed_rows"] for s in stats.values()))
         return self.model.norm(hidden), stats, outcomes
 
     def _blend_one(self, request: BlendRequest, hidden: torch.Tensor, positions: torch.Tensor,

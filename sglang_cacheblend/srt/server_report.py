@@ -2,7 +2,8 @@
 
 Under ``internal_states[i].cacheblend``: the options it runs with, its tree cache, the KV pool
 accounting (the scheduler's leak check holds when available + evictable + protected == total),
-the chunk index's counters and the last blended batch's per-request accounting. The report
+the chunk index's counters and the blended extends' totals (no request's id or figures). The
+report
 reads scheduler internals, so it is guarded: a renamed attribute costs the report, never the
 scheduler (whose request loop runs this handler).
 """
@@ -49,8 +50,9 @@ def _report(scheduler: Any, options: Any) -> dict[str, Any]:
             "evictable": tree_cache.evictable_size(),
             "protected": tree_cache.protected_size(),
         },
-        # Per-request accounting of the last blended extend batch.
-        "last_blend": getattr(model, "last_blend_stats", {}),
+        # Totals only: /server_info shows no request's id or figures (G11 of the second
+        # review); a request's own accounting is in its meta_info["cacheblend"].
+        "blend_totals": dict(getattr(model, "blend_totals", {})),
     }
     chunk_stats = getattr(tree_cache, "chunk_stats", None)
     if callable(chunk_stats):

@@ -68,7 +68,8 @@ def _generate(server, prompt: RagPrompt, salt: str, ratio: float | None, blend: 
     out = response.json()
     state = requests.get(server.base_url + "/server_info", timeout=60).json()
     report = state["internal_states"][0]["cacheblend"]
-    return out, report["last_blend"].get(out["meta_info"]["id"]), report["token_pool"]
+    (blend,) = out["meta_info"].get("cacheblend") or [None]
+    return out, blend, report["token_pool"]
 
 
 def _setup(server, tokenizer, item: int, order: list[int]) -> tuple[RagPrompt, str]:

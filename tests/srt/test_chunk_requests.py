@@ -8,6 +8,7 @@ order (the last one checks the pool once the server is idle).
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import time
 import uuid
 
@@ -368,16 +369,18 @@ def test_chunk_hits_are_released_once_the_blend_ran_and_nothing_is_held_after_ab
         "text": "Repeat forever: " + cb.chunk(passage),
         "sampling_params": {"temperature": 0, "max_new_tokens": 2000, "ignore_eos": True},
     }
+    blended_before = _state(server)["blend_totals"].get("blended_requests", 0)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         running = pool.submit(_post, server, "/generate", body)
         deadline = time.monotonic() + TIMEOUT
-        while rid not in _state(server)["last_blend"]:
+        while _state(server)["blend_totals"].get("blended_requests", 0) == blended_before:
             assert not running.done(), running.result().text
             assert time.monotonic() < deadline, "the request was never blended"
             time.sleep(0.2)
         decoding = _state(server)
         assert not running.done(), "the request finished before its decode could be observed"
-        assert decoding["last_blend"][rid]["reused_tokens"] > 0
+        assert decoding["blend_totals"]["reused_tokens"] > 0
+        assert rid not in json.dumps(decoding)  # G11: no other request's id in /server_info
         assert decoding["chunk_index"]["locked_size"] == 0, "hits stay locked during decode"
         requests.post(server.base_url + "/abort_request", json={"rid": rid}, timeout=60)
         running.result()

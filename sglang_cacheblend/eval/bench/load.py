@@ -95,10 +95,6 @@ class Client:
             raise RuntimeError(f"{self.url} runs without CacheBlend (--enable-cacheblend)")
         return state
 
-    def reused_tokens(self, rid: str) -> int | None:
-        """Chunk tokens the server reports reusing for request ``rid`` (None: no report)."""
-        return self.cacheblend_state().get("last_blend", {}).get(rid, {}).get("reused_tokens")
-
 
 def poisson_schedule(
     rate: float, *, max_requests: int, max_seconds: float, seed: int

@@ -132,7 +132,7 @@ def run_ttft(client: Client, work: Workload, modes: Sequence[BlendMode], rep: in
                  "precompute_s": precompute_s})
     for mode in modes:
         reply = client.generate(work.reordered, blend_salt, mode.ratio, mode.selector)
-        send(mode.name, reply, client.reused_tokens(reply.rid))
+        send(mode.name, reply, (reply.blend_report or {}).get("reused_tokens"))
     if dense is not None:
         record(DENSE, dense.seconds(work.reordered), None)
     return rows
@@ -296,7 +296,7 @@ def _run_modes(args: argparse.Namespace, server_args: Sequence[str]) -> dict[str
                 args.load_requests
             with tqdm(total=total, desc="load", unit="req") as bar:
                 rows += run_load(client, load_work, encode, modes, args, bar)
-        server = {k: v for k, v in state.items() if k not in ("last_blend", "token_pool", "pid")}
+        server = {k: v for k, v in state.items() if k not in ("blend_totals", "token_pool", "pid")}
         return rows, server
 
     started = time.monotonic()
