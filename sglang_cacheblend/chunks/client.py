@@ -9,7 +9,7 @@ from typing import Any
 from sglang_cacheblend.chunks.hints import precompute_hints
 from sglang_cacheblend.chunks.markers import chunk
 
-__all__ = ["precompute_chunks", "wait_for_store_writes"]
+__all__ = ["precompute_chunks", "unstored_writes", "wait_for_store_writes"]
 
 
 def precompute_chunks(
@@ -58,23 +58,41 @@ def precompute_chunks(
     return response.json()
 
 
-def wait_for_store_writes(url: str, timeout_s: float = 300.0) -> None:
-    """Wait until the server's store has written every queued chunk to its persistent tiers.
+def wait_for_store_writes(url: str, timeout_s: float = 300.0) -> int:
+    """Wait until the server's store has written every queued chunk to its persistent tiers;
+    return how many chunk writes it did not store so far (``unstored_writes``: skipped,
+    declined or failed), summed over the server's scheduler ranks.
 
     Chunks are written to disk/Mooncake on a writer thread after they are computed, so a
     precompute's answer comes before its KV is durable: ingest records a batch only after
-    this, and benchmarks wait here so writes never overlap a measurement. A server without
-    tiers returns at once. ``RuntimeError`` if the writes do not land in ``timeout_s``.
+    this, and only if the count did not grow (:func:`unstored_writes` before the batch), and
+    benchmarks wait here so writes never overlap a measurement. A server without tiers returns
+    at once. ``RuntimeError`` if the writes do not land in ``timeout_s``.
     """
-    import requests  # only clients that talk to a server pay for it
-
     deadline = time.monotonic() + timeout_s
     while True:
-        info = requests.get(url + "/server_info", timeout=60).json()
-        store = info["internal_states"][0]["cacheblend"].get("store", {})
-        if not store.get("queued_writes"):
-            return
+        queued, unstored = _store_counters(url)
+        if not queued:
+            return unstored
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the server's store still has {store['queued_writes']} chunk "
-                               f"writes queued after {timeout_s:.0f} s")
+            raise RuntimeError(f"the server's store still has {queued} chunk writes queued "
+                               f"after {timeout_s:.0f} s")
         time.sleep(0.1)
+
+
+def unstored_writes(url: str) -> int:
+    """The server's count of chunk writes its store did not store (all ranks)."""
+    return _store_counters(url)[1]
+
+
+def _store_counters(url: str) -> tuple[int, int]:
+    """``(queued_writes, unstored_writes)`` summed over every scheduler rank's store."""
+    import requests  # only clients that talk to a server pay for it
+
+    info = requests.get(url + "/server_info", timeout=60).json()
+    queued = unstored = 0
+    for state in info.get("internal_states") or []:
+        store = (state.get("cacheblend") or {}).get("store") or {}
+        queued += int(store.get("queued_writes") or 0)
+        unstored += int(store.get("unstored_writes") or 0)
+    return queued, unstored

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sglang_cacheblend.chunks.client import wait_for_store_writes
+from sglang_cacheblend.chunks.client import unstored_writes, wait_for_store_writes
 from sglang_cacheblend.ingest.batches import (
     IngestPlan,
     IngestSummary,
@@ -291,6 +291,7 @@ def _ingest(job: _Job, url: str | None) -> IngestSummary:
     args, plan = job.args, job.plan
 
     def precompute(batch: list[Chunk]) -> None:
+        unstored_before = unstored_writes(url)
         contexts = None if job.contexts is None else [job.contexts.ids(c) for c in batch]
         outputs = chunks_pkg.precompute_chunks(
             url, [c.text for c in batch], cache_salt=args.cache_salt, extra_key=args.extra_key,
@@ -300,7 +301,7 @@ def _ingest(job: _Job, url: str | None) -> IngestSummary:
             raise RuntimeError(f"the server answered {len(batch)} precomputes with {outputs!r}")
         _check_tokenized_alike(batch, outputs, [job.prefix_len + len(c) for c in contexts]
                                if contexts else [job.prefix_len] * len(batch))
-        wait_for_store_writes(url, timeout_s=args.timeout)
+        check_stored(unstored_before, wait_for_store_writes(url, timeout_s=args.timeout))
 
     evictions_before = _chunk_evictions(url) if url and job.pending else None
     result = precompute_batches(job.pending, precompute, job.state, batch=args.batch,
@@ -317,6 +318,16 @@ def _ingest(job: _Job, url: str | None) -> IngestSummary:
     )
     print(summary.render(), flush=True)
     return summary
+
+
+def check_stored(unstored_before: int, unstored_after: int) -> None:
+    """``RuntimeError`` when the server's store did not store some chunk writes since the
+    batch began (a full disk, a tier that declined, a full writer queue): the batch is then
+    not recorded as done, so a resumed ingest sends it again (issue 25 G8)."""
+    if unstored_after > unstored_before:
+        raise RuntimeError(f"the server's store did not store {unstored_after - unstored_before} "
+                           "chunk write(s) of this batch (see its log and /server_info "
+                           "store counters); the batch is not recorded")
 
 
 def _check_tokenized_alike(batch: list[Chunk], outputs: list, prefix_lens: list[int]) -> None:

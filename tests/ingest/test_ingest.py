@@ -631,3 +631,60 @@ def test_bm25_and_random_neighbours_come_from_the_other_chunks_only():
     for bad in ("own", "bm25", "bm25:0", "random:x"):
         with pytest.raises(ValueError):
             parse_family(bad)
+
+
+def test_a_batch_the_store_did_not_store_is_not_recorded(tmp_path):
+    """Issue 25 G8: ingest recorded a batch once the writer queue was empty, whether or not
+    the tiers stored it (a full disk, a declined entry, a full queue): a resumed ingest then
+    skipped chunks no tier held. The store's ``unstored_writes`` (all ranks) now decides."""
+    import http.server
+    import threading
+
+    from sglang_cacheblend.ingest.runner import (
+        check_stored,
+        unstored_writes,
+        wait_for_store_writes,
+    )
+
+    ranks = [{"queued_writes": 0, "unstored_writes": 2}, {"unstored_writes": 1}]
+
+    class Info(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            body = json.dumps({"internal_states": [{"cacheblend": {"store": store}}
+                                                   for store in ranks]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Info)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        before = unstored_writes(url)
+        assert before == 3  # every rank's store counts
+        check_stored(before, wait_for_store_writes(url, timeout_s=10))  # nothing lost: fine
+        ranks[1]["unstored_writes"] = 2
+        with pytest.raises(RuntimeError, match="did not store 1 chunk write"):
+            check_stored(before, wait_for_store_writes(url, timeout_s=10))
+    finally:
+        server.shutdown()
+
+    plan = _plan(4)
+    sent = []
+
+    def loses_the_second_batch(batch):
+        sent.append(batch)
+        if len(sent) == 2:
+            check_stored(0, 1)  # the store reports one write of this batch not stored
+
+    path = tmp_path / "state.jsonl"
+    with IngestState(path) as state:
+        result = precompute_batches(list(zip(plan.keys, plan.chunks)), loses_the_second_batch,
+                                    state, batch=2, progress=False)
+    assert result.precomputed == 2 and "did not store" in result.error
+    with IngestState(path) as state:
+        assert [c.doc_id for k, c in zip(plan.keys, plan.chunks) if k not in state] == ["d2", "d3"]
