@@ -71,23 +71,26 @@ class ChunkHandoff:
         ``rid`` like a hit (the request copied it already; the lock goes at release)."""
         context = outcome.context
         if context is not None:
-            state.take_pending(context)
-            self._insert_owned(state.context_namespace, context.token_ids, context.kv_loc, 0,
-                               rid=rid, persist=False)
+            self._adopt_one(state, context, state.context_namespace, 0, rid=rid, persist=False)
         for miss in outcome.computed:
-            state.take_pending(miss)
-            if miss.sink_loc.numel():
+            self._adopt_one(state, miss, state.namespace, miss.prefix_len, rid=rid)
+            if miss.sink_loc.numel():  # the sink's KV was only there to compute the chunk
                 self._pool.free(miss.sink_loc)
-            self._insert_owned(state.namespace, miss.token_ids, miss.kv_loc, miss.prefix_len,
-                               rid=rid)
         for load in outcome.loaded:
-            state.take_pending(load)
-            self._insert_owned(state.namespace, load.token_ids, load.kv_loc,
-                               load.kv.positions.clone(), rid=rid, persist=False)
+            self._adopt_one(state, load, state.namespace, load.kv.positions.clone(), rid=rid,
+                            persist=False)
 
-    def _insert_owned(self, namespace: Hashable, token_ids: torch.Tensor, kv_loc: torch.Tensor,
-                      positions: int | torch.Tensor, **kwargs) -> None:
-        result = self.insert(namespace, token_ids.tolist(), kv_loc, positions, **kwargs)
+    def _adopt_one(self, state: AdmissionState, item, namespace: Hashable,
+                   positions: int | torch.Tensor, **kwargs) -> None:
+        """One pending item's slots to the index; it stays pending (freed at release) if
+        the insert raises, so its slots always have exactly one owner."""
+        state.take_pending(item)
+        try:
+            result = self.insert(namespace, item.token_ids.tolist(), item.kv_loc, positions,
+                                 **kwargs)
+        except Exception:
+            state.pending.append(item)
+            raise
         if result.redundant_loc is not None:
             self._pool.free(result.redundant_loc)
 

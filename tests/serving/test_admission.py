@@ -195,3 +195,27 @@ def test_a_layout_round_trips_through_its_payload_and_keeps_its_prompt():
 def test_a_precompute_row_has_one_owner_per_slot(inserted, keeps_prefix, expected):
     assert precompute_free_ranges(start=5, end=25, protected=0, up_to=30,
                                   chunk_inserted=inserted, keeps_prefix=keeps_prefix) == expected
+
+
+def test_a_failed_hand_off_leaves_no_slot_without_an_owner(setup, monkeypatch):
+    """Whatever the index raises while a forward's chunks are handed over, every slot ends up
+    free or owned by the index once the request is released (the fake allocator refuses
+    double frees)."""
+    s = setup
+    prompt, layout = request([A, B])
+    s.admission.admit(RequestView("r", prompt), layout, remaining_tokens=lambda: 10_000)
+    blend = s.admission.blend_request("r")
+    real_insert = s.index.insert
+    calls = []
+
+    def second_insert_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("index full of surprises")
+        return real_insert(*args, **kwargs)
+
+    monkeypatch.setattr(s.index, "insert", second_insert_fails)
+    s.admission.finish("r", BlendOutcome(computed=blend.misses))  # logged, never raised
+    s.admission.release("r")
+    assert s.index.total_size() == len(A)  # the first chunk made it, the second was freed
+    assert balanced(s)
