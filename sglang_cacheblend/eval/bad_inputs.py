@@ -77,7 +77,7 @@ MATRIX: list[tuple[str, str, object, str]] = [
     ("one-token chunks", "/generate", _ids_request({"spans": [[i, i + 1] for i in range(30)]}),
      "fewer than this server's minimum"),
     ("ratio above 1", "/generate", _ids_request({"spans": [[0, 16]], "recompute_ratio": 1.5}),
-     "recompute_ratio must be a number in [0, 1]"),
+     "recompute_ratio must be in [0, 1], got 1.5"),
     ("ratio as a string", "/generate",
      _ids_request({"spans": [[0, 16]], "recompute_ratio": "0.1"}), "recompute_ratio"),
     ("infinite ratio (1e999)", "/generate",
