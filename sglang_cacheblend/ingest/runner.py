@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sglang_cacheblend.chunks.client import unstored_writes, wait_for_store_writes
+from sglang_cacheblend.chunks.client import wait_for_store_writes
 from sglang_cacheblend.ingest.batches import (
     IngestPlan,
     IngestSummary,
@@ -291,7 +291,8 @@ def _ingest(job: _Job, url: str | None) -> IngestSummary:
     args, plan = job.args, job.plan
 
     def precompute(batch: list[Chunk]) -> None:
-        unstored_before = unstored_writes(url)
+        # The queue is empty between batches; its count of unstored writes is the baseline.
+        unstored_before = wait_for_store_writes(url, timeout_s=args.timeout)
         contexts = None if job.contexts is None else [job.contexts.ids(c) for c in batch]
         outputs = chunks_pkg.precompute_chunks(
             url, [c.text for c in batch], cache_salt=args.cache_salt, extra_key=args.extra_key,

@@ -425,7 +425,7 @@ def test_own_server_gets_the_flags_a_warning_and_skips_only_with_a_tier(
     # (no meta_info: the tokenization check has nothing to compare; the server test has)
     started: list[dict] = []
     monkeypatch.setattr(launch, "ServerProcess", _fake_server_class(started))
-    monkeypatch.setattr(runner, "wait_for_store_writes", lambda url, timeout_s: None)  # no server
+    monkeypatch.setattr(runner, "wait_for_store_writes", lambda url, timeout_s: 0)  # no server
 
     first = runner.run(_ingest_args(tmp_path, corpus), ["--max-total-tokens", "9000"])
     out = capsys.readouterr().out
@@ -464,7 +464,7 @@ def test_a_server_that_tokenizes_a_chunk_otherwise_stops_the_ingest(
         return [{"meta_info": {"prompt_tokens": n}} for n in served[-len(texts):]]
 
     monkeypatch.setattr(chunks_pkg, "precompute_chunks", answers)
-    monkeypatch.setattr(runner, "wait_for_store_writes", lambda url, timeout_s: None)  # no server
+    monkeypatch.setattr(runner, "wait_for_store_writes", lambda url, timeout_s: 0)  # no server
     monkeypatch.setattr(runner, "_running_server",
                         lambda url, path: runner._Target(str(model_path), str(model_path), 16,
                                                          "", True))
@@ -526,7 +526,7 @@ def test_ingest_against_a_server_with_the_default_chunk_context_completes(
     served: list[int] = []
     monkeypatch.setattr(chunks_pkg, "precompute_chunks",
                         _server_answers(model_codec, builtin_context(), served))
-    monkeypatch.setattr(runner, "wait_for_store_writes", lambda url, timeout_s: None)  # no server
+    monkeypatch.setattr(runner, "wait_for_store_writes", lambda url, timeout_s: 0)  # no server
     monkeypatch.setattr(launch, "ServerProcess", _fake_server_class([]))
     monkeypatch.setattr(runner, "_running_server", lambda url, path: runner._Target(
         str(model_path), str(model_path), 16, builtin_context(), True))
@@ -547,7 +547,7 @@ def test_a_state_written_against_one_chunk_context_skips_nothing_under_another(
     sent: list[str] = []
     monkeypatch.setattr(chunks_pkg, "precompute_chunks",
                         lambda url, texts, **kw: sent.extend(texts) or [{}] * len(texts))
-    monkeypatch.setattr(runner, "wait_for_store_writes", lambda url, timeout_s: None)
+    monkeypatch.setattr(runner, "wait_for_store_writes", lambda url, timeout_s: 0)
     monkeypatch.setattr(launch, "ServerProcess", _fake_server_class([]))
     corpus = _folder_corpus(tmp_path)
     tier = ["--cacheblend-disk-tier-dir", str(tmp_path / "tier")]
@@ -640,11 +640,8 @@ def test_a_batch_the_store_did_not_store_is_not_recorded(tmp_path):
     import http.server
     import threading
 
-    from sglang_cacheblend.ingest.runner import (
-        check_stored,
-        unstored_writes,
-        wait_for_store_writes,
-    )
+    from sglang_cacheblend.chunks.client import unstored_writes
+    from sglang_cacheblend.ingest.runner import check_stored, wait_for_store_writes
 
     ranks = [{"queued_writes": 0, "unstored_writes": 2}, {"unstored_writes": 1}]
 
