@@ -9,7 +9,7 @@ from typing import Any
 from sglang_cacheblend.chunks.hints import precompute_hints
 from sglang_cacheblend.chunks.markers import chunk
 
-__all__ = ["precompute_chunks", "unstored_writes", "wait_for_store_writes"]
+__all__ = ["precompute_chunks", "wait_for_store_writes"]
 
 
 def precompute_chunks(
@@ -65,7 +65,7 @@ def wait_for_store_writes(url: str, timeout_s: float = 300.0) -> int:
 
     Chunks are written to disk/Mooncake on a writer thread after they are computed, so a
     precompute's answer comes before its KV is durable: ingest records a batch only after
-    this, and only if the count did not grow (:func:`unstored_writes` before the batch), and
+    this, and only if the count did not grow since the same wait before the batch, and
     benchmarks wait here so writes never overlap a measurement. A server without tiers returns
     at once. ``RuntimeError`` if the writes do not land in ``timeout_s``.
     """
@@ -78,11 +78,6 @@ def wait_for_store_writes(url: str, timeout_s: float = 300.0) -> int:
             raise RuntimeError(f"the server's store still has {queued} chunk writes queued "
                                f"after {timeout_s:.0f} s")
         time.sleep(0.1)
-
-
-def unstored_writes(url: str) -> int:
-    """The server's count of chunk writes its store did not store (all ranks)."""
-    return _store_counters(url)[1]
 
 
 def _store_counters(url: str) -> tuple[int, int]:

@@ -8,6 +8,7 @@ the server tokenizes chunks with: every token window must encode back to its own
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import subprocess
@@ -563,23 +564,17 @@ def test_a_state_written_against_one_chunk_context_skips_nothing_under_another(
     assert len(sent) == 9
 
 
-def test_a_batch_is_done_only_once_the_store_has_written_it():
-    """Regression: ingest stopped its server while the disk writes were still queued, and the
-    state file listed chunks that never reached the disk tier."""
+@contextlib.contextmanager
+def _server_info(stores):
+    """A loopback stand-in for ``GET /server_info``: ``stores()`` gives each rank's store
+    counters at every call; yields the base URL."""
     import http.server
     import threading
 
-    from sglang_cacheblend.ingest.runner import wait_for_store_writes
-
-    queued = [3, 1, 0]
-    seen = []
-
     class Info(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - the stdlib's name
-            value = queued.pop(0) if len(queued) > 1 else queued[0]
-            seen.append(value)
-            body = json.dumps({"internal_states": [{"cacheblend": {
-                "store": {"queued_writes": value}}}]}).encode()
+            body = json.dumps({"internal_states": [{"cacheblend": {"store": store}}
+                                                   for store in stores()]}).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -589,17 +584,32 @@ def test_a_batch_is_done_only_once_the_store_has_written_it():
             pass
 
     server = http.server.HTTPServer(("127.0.0.1", 0), Info)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def test_a_batch_is_done_only_once_the_store_has_written_it():
+    """Regression: ingest stopped its server while the disk writes were still queued, and the
+    state file listed chunks that never reached the disk tier."""
+    from sglang_cacheblend.ingest.runner import wait_for_store_writes
+
+    queued = [3, 1, 0]
+    seen = []
+
+    def stores():
+        value = queued.pop(0) if len(queued) > 1 else queued[0]
+        seen.append(value)
+        return [{"queued_writes": value}]
+
+    with _server_info(stores) as url:
         wait_for_store_writes(url, timeout_s=10)
         assert seen == [3, 1, 0]  # polled until nothing was queued
         queued[:] = [5]
         with pytest.raises(RuntimeError, match="5 chunk writes queued"):
             wait_for_store_writes(url, timeout_s=0.3)
-    finally:
-        server.shutdown()
 
 
 def test_a_context_family_is_part_of_the_state_key():
@@ -637,38 +647,16 @@ def test_a_batch_the_store_did_not_store_is_not_recorded(tmp_path):
     """Issue 25 G8: ingest recorded a batch once the writer queue was empty, whether or not
     the tiers stored it (a full disk, a declined entry, a full queue): a resumed ingest then
     skipped chunks no tier held. The store's ``unstored_writes`` (all ranks) now decides."""
-    import http.server
-    import threading
-
-    from sglang_cacheblend.chunks.client import unstored_writes
     from sglang_cacheblend.ingest.runner import check_stored, wait_for_store_writes
 
     ranks = [{"queued_writes": 0, "unstored_writes": 2}, {"unstored_writes": 1}]
-
-    class Info(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the stdlib's name
-            body = json.dumps({"internal_states": [{"cacheblend": {"store": store}}
-                                                   for store in ranks]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Info)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        before = unstored_writes(url)
+    with _server_info(lambda: ranks) as url:
+        before = wait_for_store_writes(url, timeout_s=10)
         assert before == 3  # every rank's store counts
         check_stored(before, wait_for_store_writes(url, timeout_s=10))  # nothing lost: fine
         ranks[1]["unstored_writes"] = 2
         with pytest.raises(RuntimeError, match="did not store 1 chunk write"):
             check_stored(before, wait_for_store_writes(url, timeout_s=10))
-    finally:
-        server.shutdown()
 
     plan = _plan(4)
     sent = []

@@ -74,14 +74,18 @@ def balanced(s) -> bool:
             and s.index.locked_size() == 0)
 
 
-def request(chunks, *, config=CONFIG):
-    prompt, spans = list(SINK), []
+def chunked_prompt(chunks, *, config=CONFIG, sink=SINK, question=QUESTION):
+    """``sink + chunks + question`` and its layout, as the tokenizer hook decides it (also
+    used by ``tests/srt/test_admission.py``)."""
+    prompt, spans = list(sink), []
     for ids in chunks:
         spans.append((len(prompt), len(prompt) + len(ids)))
         prompt += ids
-    prompt += QUESTION
-    layout = ChunkLayout(False, tuple(spans), SINK, config).for_prompt(prompt)
-    return prompt, layout
+    prompt += question
+    return prompt, ChunkLayout(False, tuple(spans), tuple(sink), config).for_prompt(prompt)
+
+
+
 
 
 def store_chunk(s, ids):
@@ -92,7 +96,7 @@ def store_chunk(s, ids):
 def test_a_hit_and_a_miss_blend_and_the_miss_is_cached_after_the_forward(setup):
     s = setup
     store_chunk(s, A)
-    prompt, layout = request([A, C])
+    prompt, layout = chunked_prompt([A, C])
     s.admission.admit(RequestView("r", prompt), layout, remaining_tokens=lambda: 10_000)
     blend = s.admission.blend_request("r")
     assert blend is not None and len(blend.hits) == 1 and len(blend.misses) == 1
@@ -103,7 +107,7 @@ def test_a_hit_and_a_miss_blend_and_the_miss_is_cached_after_the_forward(setup):
     assert s.index.total_size() == len(A) + len(C)  # C went to the index, its sink was freed
     s.admission.release("r")
     assert balanced(s)
-    again, layout = request([C, A])  # another order: both chunks hit
+    again, layout = chunked_prompt([C, A])  # another order: both chunks hit
     s.admission.admit(RequestView("r2", again), layout, remaining_tokens=lambda: 10_000)
     assert s.admission.blend_report("r2")["chunk_hits"] == 2
     s.admission.release("r2")
@@ -112,7 +116,7 @@ def test_a_hit_and_a_miss_blend_and_the_miss_is_cached_after_the_forward(setup):
 
 def test_a_forward_that_did_not_blend_frees_what_admission_took(setup):
     s = setup
-    prompt, layout = request([A, B])
+    prompt, layout = chunked_prompt([A, B])
     s.admission.admit(RequestView("r", prompt), layout, remaining_tokens=lambda: 10_000)
     assert s.pool.allocator.available_size() < SIZE  # miss slots taken
     s.admission.finish("r", BlendOutcome.not_blended("blended prefill failed"))
@@ -125,7 +129,7 @@ def test_a_forward_that_did_not_blend_frees_what_admission_took(setup):
 def test_admission_never_takes_more_than_the_budget(setup):
     s = setup
     store_chunk(s, A)
-    prompt, layout = request([A, B])
+    prompt, layout = chunked_prompt([A, B])
     s.admission.admit(RequestView("r", prompt), layout, remaining_tokens=lambda: -1)
     assert "not enough KV memory" in s.admission.blend_report("r")["reason"]
     assert balanced(s)
@@ -142,7 +146,7 @@ def test_a_layout_is_used_only_on_the_prompt_it_was_decided_for(setup, rewritten
     its end raised out of the scheduler loop) and never blended; the report says why."""
     s = setup
     store_chunk(s, A)
-    prompt, layout = request([A, B])
+    prompt, layout = chunked_prompt([A, B])
     view = RequestView("r", rewritten(prompt))
     s.admission.touch(view, layout)  # raised ValueError before
     s.admission.admit(view, layout, remaining_tokens=lambda: 10_000)
@@ -155,7 +159,7 @@ def test_a_layout_is_used_only_on_the_prompt_it_was_decided_for(setup, rewritten
 
 def test_a_request_sglang_will_abort_is_not_blended(setup):
     s = setup
-    prompt, layout = request([A, B])
+    prompt, layout = chunked_prompt([A, B])
     s.admission.admit(RequestView("r", prompt, ending=True), layout,
                       remaining_tokens=lambda: 10_000)
     assert s.admission.blend_report("r")["reason"] == PROMPT_CHANGED
@@ -164,7 +168,7 @@ def test_a_request_sglang_will_abort_is_not_blended(setup):
 
 def test_an_exception_in_chunk_handling_stays_inside_admission(setup, monkeypatch):
     s = setup
-    prompt, layout = request([A, B])
+    prompt, layout = chunked_prompt([A, B])
 
     def broken(*args, **kwargs):
         raise RuntimeError("index failure")
@@ -178,7 +182,7 @@ def test_an_exception_in_chunk_handling_stays_inside_admission(setup, monkeypatc
 
 
 def test_a_layout_round_trips_through_its_payload_and_keeps_its_prompt():
-    prompt, layout = request([A, B])
+    prompt, layout = chunked_prompt([A, B])
     again = ChunkLayout.from_payload(layout.to_payload())
     assert again == layout and again.fits_prompt(prompt)
     with pytest.raises(KeyError):  # a payload of the old shape (no prompt) is not trusted
@@ -202,7 +206,7 @@ def test_a_failed_hand_off_leaves_no_slot_without_an_owner(setup, monkeypatch):
     free or owned by the index once the request is released (the fake allocator refuses
     double frees)."""
     s = setup
-    prompt, layout = request([A, B])
+    prompt, layout = chunked_prompt([A, B])
     s.admission.admit(RequestView("r", prompt), layout, remaining_tokens=lambda: 10_000)
     blend = s.admission.blend_request("r")
     real_insert = s.index.insert

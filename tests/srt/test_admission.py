@@ -27,6 +27,7 @@ from sglang_cacheblend.serving.layout import ChunkLayout  # noqa: E402
 from sglang_cacheblend.srt import hooks  # noqa: E402
 from sglang_cacheblend.srt.layout_envelope import envelope_with  # noqa: E402
 from sglang_cacheblend.srt.radix_cache import CacheBlendRadixCache  # noqa: E402
+from tests.serving.test_admission import chunked_prompt  # noqa: E402
 from tests.srt.test_radix_cache import POOL_SIZE, check_pool, make_params  # noqa: E402
 
 SINK = (1,)
@@ -67,12 +68,7 @@ def insert_chunk(cache, token_ids):
 
 def chunked_req(rid, chunks, *, config=BLEND, output_ids=(), extend_end=None):
     """A scheduler request ``sink + chunks + question`` as the tokenizer hook leaves it."""
-    prompt, spans = list(SINK), []
-    for ids in chunks:
-        spans.append((len(prompt), len(prompt) + len(ids)))
-        prompt += ids
-    prompt += QUESTION
-    layout = ChunkLayout(False, tuple(spans), SINK, config).for_prompt(prompt)
+    prompt, layout = chunked_prompt(chunks, config=config, sink=SINK, question=QUESTION)
     return SimpleNamespace(
         rid=rid, origin_input_ids=prompt, prefix_len=0, cache_salt=None,
         extra_key=blend_extra_key(None, config), kv_hints=envelope_with(None, layout, rid),
